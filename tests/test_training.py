@@ -100,9 +100,9 @@ def test_text_encoder_lora_trains_exports_and_is_off_in_the_reference(manifest, 
     adapter = result.adapter
     prompts = ["a red circle on a gray background"]
     with torch.no_grad():
-        tuned = adapter.encode_prompts(prompts)
+        tuned = adapter.encode_prompts(prompts)["encoder_hidden_states"]
         with adapter.reference():
-            reference = adapter.encode_prompts(prompts)
+            reference = adapter.encode_prompts(prompts)["encoder_hidden_states"]
         adapter.text_encoder.disable_adapters()
         base = adapter.text_encoder(adapter.tokenizer(prompts, padding="max_length",
                                     return_tensors="pt").input_ids)[0]

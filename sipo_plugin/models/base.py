@@ -16,14 +16,19 @@ import torch
 
 _FAMILIES: dict[str, type["ModelAdapter"]] = {}
 
+# What the denoiser is conditioned on, by the keyword its forward takes (SD1.5:
+# encoder_hidden_states; SDXL adds text_embeds and time_ids): every tensor has the batch on dim 0,
+# so a cache can store it and `repeat_pair` can lay it out for winners and losers.
+Conditioning = dict[str, torch.Tensor]
+
 
 @dataclass
 class NoisyBatch:
     """One 2B batch ready for prediction: winners first, each pair sharing noise and timestep."""
 
-    noisy: torch.Tensor  # [2B, C, H, W]
+    noisy: torch.Tensor  # [2B, *latent_shape]
     timesteps: torch.Tensor  # [2B], halves equal
-    target: torch.Tensor  # [2B, C, H, W], the parametrization's native target
+    target: torch.Tensor  # [2B, *latent_shape], the parametrization's native target
 
 
 def register_model_family(name: str) -> Callable[[type], type]:
@@ -68,16 +73,41 @@ class ModelAdapter(ABC):
         """[N, 3, H, W] in [-1, 1] -> latents [N, ...]."""
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """B prompts -> conditioning [B, ...] (with grad when the text encoder is trained)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """B prompts -> conditioning tensors [B, ...] (with grad when the text encoder is trained)."""
+
+    def pair_conditioning(self, cond: Conditioning, batch: dict) -> Conditioning:
+        """[B] prompt conditioning -> [2B] for winners then losers; families whose conditioning
+        depends on each image (SDXL's size and crop ids) add it here from the batch."""
+        return {name: repeat_pair(value) for name, value in cond.items()}
+
+    def draw_noise_and_timesteps(self, pair_latent_shape: torch.Size, generator: torch.Generator
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One noise tensor [B, ...] and one timestep [B] per pair, from ``generator``'s stream.
+
+        Default: uniform integer timesteps of the training scheduler (DDPM family).
+        """
+        noise = torch.randn(pair_latent_shape, generator=generator, device=generator.device)
+        num_steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_steps, (pair_latent_shape[0],), generator=generator,
+                                  device=generator.device)
+        return noise, timesteps
 
     @abstractmethod
+    def make_noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                   ) -> NoisyBatch:
+        """Noisy input and native target of [2B] latents for [2B] noise and timesteps."""
+
     def noisy_inputs(self, latents: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
-        """Draw noise and timestep once per pair and build the noisy input and target."""
+        """Draw noise and timestep once per pair, repeat them for winner and loser, noise."""
+        noise, timesteps = self.draw_noise_and_timesteps(latents[: latents.shape[0] // 2].shape,
+                                                         generator)
+        return self.make_noisy(latents, repeat_pair(noise).to(latents.device, latents.dtype),
+                               repeat_pair(timesteps).to(latents.device))
 
     @abstractmethod
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The model's prediction in its native parametrization."""
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model's prediction in its native parametrization ([2B] conditioning)."""
 
     @abstractmethod
     def set_adapters_enabled(self, enabled: bool) -> None:

@@ -14,7 +14,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .base import ModelAdapter, NoisyBatch, register_model_family, repeat_pair
+from .base import Conditioning, ModelAdapter, NoisyBatch, register_model_family
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -120,19 +120,13 @@ class SD15Adapter(ModelAdapter):
         latent_dist = self.vae.encode(pixel_values.to(self.device, torch.float32)).latent_dist
         return latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
         ids = self.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                              max_length=self.tokenizer.model_max_length).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return {"encoder_hidden_states": self.text_encoder(ids.to(self.device))[0]}
 
-    def noisy_inputs(self, latents: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
-        pairs = latents.shape[0] // 2
-        # one noise and one timestep per pair, repeated for winner and loser
-        noise = repeat_pair(torch.randn(latents[:pairs].shape, generator=generator,
-                                        device=generator.device).to(latents.device, latents.dtype))
-        num_steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = repeat_pair(torch.randint(0, num_steps, (pairs,), generator=generator,
-                                              device=generator.device).to(latents.device))
+    def make_noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                   ) -> NoisyBatch:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
@@ -143,9 +137,10 @@ class SD15Adapter(ModelAdapter):
                              "(expected epsilon or v_prediction)")
         return NoisyBatch(noisy=noisy, timesteps=timesteps, target=target)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         dtype = self.unet.dtype
-        return self.unet(noisy.to(dtype), timesteps, cond.to(dtype), return_dict=False)[0]
+        return self.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
+                         return_dict=False)[0]
 
     def sampling_pipeline(self) -> StableDiffusionPipeline:
         """The trained model as a pipeline (the LoRA follows enable/disable of the adapter)."""

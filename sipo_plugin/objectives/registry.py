@@ -246,6 +246,27 @@ class Objective:
         scheduler: Any,
     ) -> ObjectiveOutput:
         """Loss of a ``[2B, ...]`` winners-first batch; ``timesteps`` is ``[B]`` or ``[2B]``."""
+        if not (model_pred.shape == ref_pred.shape == target.shape):
+            raise ValueError(
+                "model_pred, ref_pred and target must have the same shape, got "
+                f"{tuple(model_pred.shape)}, {tuple(ref_pred.shape)}, {tuple(target.shape)}"
+            )
+        target = target.detach()
+        with torch.no_grad():
+            ref_err = per_sample_error(ref_pred.detach(), target)
+        return self.from_errors(per_sample_error(model_pred, target), ref_err, timesteps, scheduler)
+
+    def from_errors(
+        self,
+        policy_err: torch.Tensor,
+        ref_err: torch.Tensor,
+        timesteps: torch.Tensor,
+        scheduler: Any,
+    ) -> ObjectiveOutput:
+        """Loss from per-sample errors ``[2B]`` (winners first), e.g. with cached reference errors.
+
+        ``policy_err`` carries the gradient; ``ref_err`` is treated as a constant.
+        """
         if self.needs_calibration:
             raise RuntimeError(
                 f"objective {self.name!r} has kappa='auto' and is not calibrated: run "
@@ -253,7 +274,10 @@ class Objective:
                 "target_mask_fraction=...) on a few reference batches, then "
                 "objective = objective.with_kappa(kappa) (or pass a number as kappa)"
             )
-        pairs = self._pair_errors(model_pred, ref_pred, target, timesteps, scheduler)
+        m_w, m_l = split_pair(policy_err)  # [B] each, with grad
+        r_w, r_l = split_pair(ref_err.detach().float())  # [B] each
+        t = pair_timesteps(timesteps, m_w.shape[0]).to(m_w.device)  # [B]
+        pairs = PairErrors(m_w, m_l, r_w.to(m_w.device), r_l.to(m_w.device), t, scheduler)
         result = self.spec.fn(pairs, self.config)
         per_pair = result.losses
         if per_pair.shape != pairs.policy_err_w.shape:
@@ -264,17 +288,3 @@ class Objective:
         loss = per_pair.float().mean()  # masked pairs count in the denominator
         metrics = _metrics_to_floats({"loss": loss.detach(), **result.metrics})
         return ObjectiveOutput(loss=loss, metrics=metrics, per_pair_loss=per_pair)
-
-    @staticmethod
-    def _pair_errors(model_pred, ref_pred, target, timesteps, scheduler) -> PairErrors:
-        if not (model_pred.shape == ref_pred.shape == target.shape):
-            raise ValueError(
-                "model_pred, ref_pred and target must have the same shape, got "
-                f"{tuple(model_pred.shape)}, {tuple(ref_pred.shape)}, {tuple(target.shape)}"
-            )
-        target = target.detach()
-        m_w, m_l = split_pair(per_sample_error(model_pred, target))  # [B] each, with grad
-        with torch.no_grad():
-            r_w, r_l = split_pair(per_sample_error(ref_pred.detach(), target))  # [B] each
-        t = pair_timesteps(timesteps, m_w.shape[0]).to(m_w.device)  # [B]
-        return PairErrors(m_w, m_l, r_w, r_l, t, scheduler)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data import PairBatchSampler, PairDataset, collate_pairs, read_pairs
 from ..models import get_model_adapter
-from ..models.base import ModelAdapter, repeat_pair
+from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, get_objective, per_sample_error
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import Config
@@ -68,16 +68,17 @@ def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accel
     with accelerator.accumulate(*adapter.trainable_modules()):
         # encode images and prompts; the prompt is shared by winner and loser
         latents = adapter.encode_images(batch["pixel_values"], generator)
-        cond = adapter.encode_prompts(batch["prompts"])
+        cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
         # one noise and one timestep per pair
         noisy = adapter.noisy_inputs(latents, generator)
         # policy: the model with its LoRA
         with accelerator.autocast():
-            model_pred = adapter.predict(noisy.noisy, noisy.timesteps, repeat_pair(cond))
+            model_pred = adapter.predict(noisy.noisy, noisy.timesteps, cond)
         # reference: the same weights with the adapter disabled
         with torch.no_grad(), adapter.reference(), accelerator.autocast():
-            ref_cond = adapter.encode_prompts(batch["prompts"]) if adapter.trains_text_encoder else cond
-            ref_pred = adapter.predict(noisy.noisy, noisy.timesteps, repeat_pair(ref_cond))
+            ref_cond = (adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
+                        if adapter.trains_text_encoder else cond)
+            ref_pred = adapter.predict(noisy.noisy, noisy.timesteps, ref_cond)
         # the objective, by name
         out = objective(model_pred, ref_pred, noisy.target, noisy.timesteps, adapter.noise_scheduler)
         loss = weighted_pair_loss(out, batch["weights"].to(out.loss.device))
@@ -109,7 +110,7 @@ def calibrate(objective, adapter: ModelAdapter, loader, generator) -> float:
         for batch in loader:
             latents = adapter.encode_images(batch["pixel_values"], generator)
             noisy = adapter.noisy_inputs(latents, generator)
-            cond = repeat_pair(adapter.encode_prompts(batch["prompts"]))
+            cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
             errors.append(per_sample_error(adapter.predict(noisy.noisy, noisy.timesteps, cond),
                                            noisy.target))
             timesteps.append(noisy.timesteps)
