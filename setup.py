@@ -28,7 +28,10 @@ setup(
     extras_require={
         "cuda": ["xformers", "bitsandbytes"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=7"],
+        "video": ["av"],  # PyAV: decoding video pairs (cogvideox, wan)
+        "pickapic": ["pyarrow>=14"],  # reading Pick-a-Pic v2 parquet shards
+        # bitsandbytes runs on CPU too (8-bit states only for tensors of 4096+ elements)
+        "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["sipo-train=train_sipo:main"]},
 )

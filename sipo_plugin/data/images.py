@@ -1,9 +1,11 @@
-"""Image loading with Pillow only (no torchvision): RGB, resize the shorter side, center crop."""
+"""Image loading with Pillow only (no torchvision): RGB, resize to cover, center crop, flip."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import PairDataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def _size_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
@@ -23,26 +28,88 @@ def _size_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def _decode_error(where: str, err: Exception) -> PairDataError:
+    return PairDataError(
+        f"{where}: cannot decode image ({type(err).__name__}: {err}); "
+        f"re-export it or remove the pair"
+    )
+
+
+def _load_rgb(img: Image.Image) -> Image.Image:
+    img.load()
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode `path` fully as RGB (EXIF rotation applied); PairDataError naming the file if not."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            return _load_rgb(img)
     except FileNotFoundError as err:
         raise PairDataError(f"{path}: image not found") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise PairDataError(
-            f"{path}: cannot decode image ({type(err).__name__}: {err}); "
-            f"re-export it or remove the pair"
-        ) from err
+    except _DECODE_ERRORS as err:
+        raise _decode_error(str(path), err) from err
 
 
-def resize_center_crop(img: Image.Image, resolution: int | tuple[int, int]) -> Image.Image:
-    """Scale so the image covers (H, W) (shorter side to R for squares), then center crop."""
+def decode_rgb(data: bytes, where: str) -> Image.Image:
+    """Encoded image bytes -> RGB (EXIF rotation applied); PairDataError naming `where` if not."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _load_rgb(img)
+    except _DECODE_ERRORS as err:
+        raise _decode_error(where, err) from err
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as `open_rgb` will return it, from the header (EXIF rotation included)."""
+    w, h = img.size
+    if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+        return h, w
+    return w, h
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header only."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return _oriented_size(img)
+    except FileNotFoundError as err:
+        raise PairDataError(f"{path}: image not found") from err
+    except _DECODE_ERRORS as err:
+        raise _decode_error(str(path), err) from err
+
+
+def image_size_from_bytes(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, read from the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _oriented_size(img)
+    except _DECODE_ERRORS as err:
+        raise _decode_error(where, err) from err
+
+
+class Fitted(NamedTuple):
+    """An image fitted to a training size, with SDXL's size conditioning ((h, w), (top, left))."""
+
+    image: Image.Image
+    original_hw: tuple[int, int]  # before resizing
+    crop_top_left: tuple[int, int]  # of the crop window in the resized (flipped: mirrored) image
+    target_hw: tuple[int, int]
+
+
+def fit_to_size(img: Image.Image, resolution: int | tuple[int, int], *,
+                flip: bool = False) -> Fitted:
+    """Scale so the image covers (H, W), center crop, then mirror left-right when `flip`.
+
+    The crop window of the resized image (size h' x w') is (top, left) = ((h'-H)//2, (w'-W)//2).
+    A flip mirrors the resized image, so its crop left counts from the other edge:
+    left = w' - W - left (sd-scripts reports ``target_w - crop_right`` for a flip; diffusers' SDXL
+    scripts flip before cropping: the same measurement).
+    """
     h, w = _size_hw(resolution)
+    original_hw = (img.height, img.width)
     scale = max(w / img.width, h / img.height)
     new_w = max(w, math.ceil(img.width * scale - 1e-6))
     new_h = max(h, math.ceil(img.height * scale - 1e-6))
@@ -51,7 +118,16 @@ def resize_center_crop(img: Image.Image, resolution: int | tuple[int, int]) -> I
         resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
         img = img.resize((new_w, new_h), resample=resample)
     left, top = (new_w - w) // 2, (new_h - h) // 2
-    return img.crop((left, top, left + w, top + h))
+    img = img.crop((left, top, left + w, top + h))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = new_w - w - left
+    return Fitted(img, original_hw, (top, left), (h, w))
+
+
+def resize_center_crop(img: Image.Image, resolution: int | tuple[int, int]) -> Image.Image:
+    """Scale so the image covers (H, W) (shorter side to R for squares), then center crop."""
+    return fit_to_size(img, resolution).image
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Preference-pair readers and the batch contract.
 
 Sources (`read_pairs` dispatches on the path):
+  * a ``.parquet`` file or a folder of ``*.parquet`` shards in the Pick-a-Pic v2 layout (see
+    `sipo_plugin.data.pickapic`): images stay in the shards and are decoded on access;
   * a folder with ``w/`` and ``l/`` subfolders (sd-scripts PR #1427): ``w/NAME.ext`` is preferred
     over ``l/NAME.ext`` (extensions may differ), caption ``w/NAME<caption_extension>`` (first line);
     pairs sorted by NAME;
@@ -10,6 +12,7 @@ Sources (`read_pairs` dispatches on the path):
 
 Every image path is checked at read time; images are decoded (and corrupt ones reported) at load
 time. Batches are ``[winners; losers]`` on dim 0 (Diffusion-DPO layout): use `split_pair`.
+SDXL's size conditioning comes along in the same layout (`collate_pairs`).
 """
 
 from __future__ import annotations
@@ -18,39 +21,60 @@ import csv
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from .augment import PairAugmentation
 from .errors import PairDataError
 from ..objectives.errors import split_pair  # noqa: F401  (the one helper for the layout)
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, fit_to_size, pil_to_tensor
+from .pickapic import read_pickapic
+from .sources import ImageReader, ImageSource
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
-_SOURCES = "expected a folder with w/ and l/ subfolders, a .jsonl manifest or a .csv manifest"
+_SOURCES = ("expected a folder with w/ and l/ subfolders, a .jsonl or .csv manifest, "
+            "or Pick-a-Pic .parquet shard(s)")
 
 
 @dataclass(frozen=True)
 class PairRecord:
-    """One preference pair: `chosen` is preferred over `rejected` for `prompt`."""
+    """One preference pair: `chosen` is preferred over `rejected` for `prompt`.
+
+    An image is a file path or a `ParquetImage` cell (shard, row, column).
+    """
 
     prompt: str
-    chosen: Path
-    rejected: Path
+    chosen: ImageSource
+    rejected: ImageSource
     weight: float = 1.0
 
 
-def read_pairs(source: str | os.PathLike, *, caption_extension: str = ".txt") -> list[PairRecord]:
-    """Read and validate all pairs of `source` (see the module docstring for the layouts)."""
+def _has_parquet(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".parquet" for p in folder.iterdir())
+
+
+def read_pairs(source: str | os.PathLike, *, caption_extension: str = ".txt",
+               log: Callable[[str], None] | None = tqdm.write) -> list[PairRecord]:
+    """Read and validate all pairs of `source` (see the module docstring for the layouts).
+
+    `log` receives the one summary line of sources that drop rows (Pick-a-Pic ties).
+    """
     path = Path(source)
     if not path.exists():
         raise PairDataError(f"{path}: pair source not found ({_SOURCES})")
     if path.is_dir():
-        if not ((path / "w").is_dir() and (path / "l").is_dir()):
+        if (path / "w").is_dir() and (path / "l").is_dir():
+            records = read_pair_folder(path, caption_extension=caption_extension)
+        elif _has_parquet(path):
+            records = read_pickapic(path, log=log)
+        else:
             raise PairDataError(f"{path}: folder has no w/ and l/ subfolders ({_SOURCES})")
-        records = read_pair_folder(path, caption_extension=caption_extension)
+    elif path.suffix.lower() == ".parquet":
+        records = read_pickapic(path, log=log)
     elif path.suffix.lower() == ".jsonl":
         records = read_jsonl_manifest(path)
     elif path.suffix.lower() == ".csv":
@@ -147,7 +171,7 @@ def _image_path(value: object, key: str, manifest: Path, where: str) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise PairDataError(f"{where}: '{key}' must be a non-empty path string, got {value!r}")
     path = Path(os.path.abspath(manifest.parent / value.strip()))
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):  # a directory: a video's frame folder
         raise PairDataError(
             f"{where}: '{key}' image not found: {path} (paths are relative to the manifest)"
         )
@@ -218,33 +242,71 @@ def read_csv_manifest(path: str | os.PathLike) -> list[PairRecord]:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Decodes a pair on access: dict(prompt, chosen [3,R,R], rejected [3,R,R], weight)."""
+    """Decodes a pair on access: dict(prompt, chosen [3,H,W], rejected [3,H,W], weight, index,
+    original_size, crop_top_left, target_size).
 
-    def __init__(self, records: Sequence[PairRecord], resolution: int | tuple[int, int]):
+    The key is a pair index, or a `Draw` (index, epoch) from a sampler built ``with_epoch``; the
+    epoch feeds the augmentation decisions (a bare index counts as epoch 0). ``target_hw`` gives
+    each pair its own (h, w) training size (its bucket); without it every pair is ``resolution``.
+    Size entries are (winner, loser) tuples of (h, w) / (top, left), see `fit_to_size`.
+    """
+
+    def __init__(self, records: Sequence[PairRecord], resolution: int | tuple[int, int], *,
+                 target_hw: Sequence[tuple[int, int]] | None = None,
+                 augmentation: PairAugmentation | None = None):
         self.records = list(records)
         self.resolution = resolution
+        if target_hw is not None and len(target_hw) != len(self.records):
+            raise ValueError(f"target_hw has {len(target_hw)} sizes for {len(self.records)} pairs")
+        self.target_hw = None if target_hw is None else list(target_hw)
+        self.augmentation = augmentation or PairAugmentation()
+        self.reader = ImageReader()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         record = self.records[index]
+        drop_caption, flip = self.augmentation.decide(epoch, index)
+        size = self.resolution if self.target_hw is None else self.target_hw[index]
+        chosen = fit_to_size(self.reader.open(record.chosen), size, flip=flip)
+        rejected = fit_to_size(self.reader.open(record.rejected), size, flip=flip)
         return {
-            "prompt": record.prompt,
-            "chosen": load_image(record.chosen, self.resolution),
-            "rejected": load_image(record.rejected, self.resolution),
+            "prompt": "" if drop_caption else record.prompt,
+            "chosen": pil_to_tensor(chosen.image),
+            "rejected": pil_to_tensor(rejected.image),
             "weight": record.weight,
+            "index": index,  # the pair's identity: per-pair noise is seeded from it
+            "original_size": (chosen.original_hw, rejected.original_hw),
+            "crop_top_left": (chosen.crop_top_left, rejected.crop_top_left),
+            "target_size": chosen.target_hw,
         }
 
 
+def _winners_first(items: Sequence[Mapping], key: str) -> torch.Tensor:
+    """[2B, 2] int64 from items whose `key` holds a (winner, loser) pair of 2-tuples."""
+    rows = [item[key][0] for item in items] + [item[key][1] for item in items]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 def collate_pairs(items: Sequence[Mapping]) -> dict:
-    """B items -> pixel_values [2B,3,R,R] (winners first, then losers), prompts [B], weights [B]."""
+    """B items -> pixel_values [2B,3,H,W] (winners first, then losers), prompts [B], weights [B],
+    indices [B], and SDXL's per-image conditioning in the pixel layout: original_sizes [2B,2]
+    (h, w before resizing), crop_top_lefts [2B,2] (top, left), target_sizes [2B,2] (h, w)."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
-    chosen = torch.stack([item["chosen"] for item in items])  # [B, 3, R, R]
-    rejected = torch.stack([item["rejected"] for item in items])  # [B, 3, R, R]
-    return {
-        "pixel_values": torch.cat([chosen, rejected], dim=0),  # [2B, 3, R, R]
+    chosen = torch.stack([item["chosen"] for item in items])  # [B, 3, H, W]
+    rejected = torch.stack([item["rejected"] for item in items])  # [B, 3, H, W]
+    batch = {
+        "pixel_values": torch.cat([chosen, rejected], dim=0),  # [2B, 3, H, W]
         "prompts": [item["prompt"] for item in items],
         "weights": torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32),
+        "indices": torch.tensor([int(item["index"]) for item in items], dtype=torch.int64),
     }
+    if "original_size" in items[0]:
+        batch["original_sizes"] = _winners_first(items, "original_size")
+        batch["crop_top_lefts"] = _winners_first(items, "crop_top_left")
+        target = [tuple(item["target_size"]) for item in items]
+        batch["target_sizes"] = torch.tensor(target + target, dtype=torch.int64)
+    return batch

@@ -2,35 +2,85 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Iterator
 
 import torch
 
+from .augment import Draw
+
 
 class PairBatchSampler(torch.utils.data.Sampler):
     """Batches of pair indices: epoch e is a permutation seeded by (seed, e); a partial last batch
-    is dropped. Iteration starts at micro-batch ``start`` and yields ``total - start`` batches."""
+    is dropped. Iteration starts at micro-batch ``start`` and yields ``total - start`` batches.
 
-    def __init__(self, num_pairs: int, batch_size: int, *, seed: int, total: int, start: int = 0):
+    With ``with_epoch`` each element is a `Draw` (index, epoch) instead of a bare index, so the
+    dataset can make per-epoch augmentation decisions (caption dropout, flip).
+    """
+
+    def __init__(self, num_pairs: int, batch_size: int, *, seed: int, total: int, start: int = 0,
+                 with_epoch: bool = False):
         if num_pairs < batch_size:
             raise ValueError(f"{num_pairs} pairs are fewer than one batch of {batch_size}")
         self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
-        self.total, self.start = total, start
+        self.total, self.start, self.with_epoch = total, start, with_epoch
         self.per_epoch = num_pairs // batch_size
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.num_pairs, generator=generator)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, offset = divmod(self.start, self.per_epoch)
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The ``per_epoch`` batches of `epoch`, in order."""
         order = self.epoch_order(epoch)
+        b = self.batch_size
+        return [order[i * b:(i + 1) * b].tolist() for i in range(self.per_epoch)]
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        batches = self.epoch_batches(epoch)
         for _ in range(self.start, self.total):
-            yield order[offset * self.batch_size:(offset + 1) * self.batch_size].tolist()
+            batch = batches[offset]
+            yield [Draw(i, epoch) for i in batch] if self.with_epoch else batch
             offset += 1
             if offset == self.per_epoch:
                 epoch, offset = epoch + 1, 0
-                order = self.epoch_order(epoch)
+                batches = self.epoch_batches(epoch)
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
+
+
+class BucketBatchSampler(PairBatchSampler):
+    """Like `PairBatchSampler`, but every batch holds pairs of one bucket only.
+
+    Epoch e takes the same permutation, splits it by bucket (keeping the order), cuts each bucket's
+    list into full batches (a partial batch per bucket is dropped) and orders the batches by the
+    position of their first pair in the permutation. With a single bucket this is exactly
+    `PairBatchSampler`'s order.
+    """
+
+    def __init__(self, buckets: Sequence[Hashable], batch_size: int, *, seed: int, total: int,
+                 start: int = 0, with_epoch: bool = False):
+        super().__init__(len(buckets), batch_size, seed=seed, total=total, start=start,
+                         with_epoch=with_epoch)
+        self.buckets = list(buckets)
+        counts: dict[Hashable, int] = {}
+        for bucket in self.buckets:
+            counts[bucket] = counts.get(bucket, 0) + 1
+        self.per_epoch = sum(n // batch_size for n in counts.values())
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"no bucket holds a full batch of {batch_size} pairs (pairs per bucket: "
+                f"{counts}); lower train_batch_size or widen the buckets (bucket_reso_steps)")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        order = self.epoch_order(epoch).tolist()
+        rank = {index: position for position, index in enumerate(order)}
+        members: dict[Hashable, list[int]] = {}
+        for index in order:
+            members.setdefault(self.buckets[index], []).append(index)
+        b = self.batch_size
+        batches = [indices[i * b:(i + 1) * b]
+                   for indices in members.values() for i in range(len(indices) // b)]
+        return sorted(batches, key=lambda batch: rank[batch[0]])

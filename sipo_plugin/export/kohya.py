@@ -4,7 +4,8 @@
 ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight``,
 with ``.lora_up.weight`` and a 0-dim float ``.alpha`` (loaders scale by alpha / rank).
 U-Net paths keep the diffusers names: right for SD1.x; SDXL files for WebUI/ComfyUI need the
-original SGM block names (input_blocks/middle_block/output_blocks), which this module does not do.
+original SGM block names (input_blocks/middle_block/output_blocks): `export_lora` renames the
+module paths first (`unet_module_name`, from `sgm_names.sgm_module_namer`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -32,6 +32,16 @@ def _state_and_alphas(
     return state, {module: float(network_alpha) for module in split_peft_state_dict(state)}
 
 
+def _renamed_modules(state: dict[str, torch.Tensor], alphas: dict[str, float],
+                     module_name: Callable[[str], str]) -> tuple[dict, dict]:
+    """Rename every LoRA module path with `module_name` (keys ``<module>.lora_A.weight``)."""
+    new_state = {}
+    for module, pair in split_peft_state_dict(state).items():
+        new_state[f"{module_name(module)}.lora_A.weight"] = pair.down
+        new_state[f"{module_name(module)}.lora_B.weight"] = pair.up
+    return new_state, {module_name(module): alpha for module, alpha in alphas.items()}
+
+
 def _output_file(path: Path, format: str) -> Path:
     if format == "kohya":
         if path.suffix != ".safetensors":
@@ -53,10 +63,12 @@ def export_lora(
     *,
     unet: LoraSource,
     text_encoder: LoraSource | None = None,
+    text_encoder_2: LoraSource | None = None,
     network_alpha: float | None,
     format: str = "kohya",
     metadata: Mapping[str, object] | None = None,
     save_dtype: torch.dtype | None = None,
+    unet_module_name: Callable[[str], str] | None = None,
 ) -> Path:
     """Write the LoRA of `unet` (and `text_encoder`) atomically; returns the file written.
 
@@ -68,18 +80,26 @@ def export_lora(
     format "diffusers": ``unet.<path>.lora_A.weight`` keys with alpha / rank folded into lora_B;
     `path` ending in ``.safetensors`` is that file, anything else is a folder that receives
     ``pytorch_lora_weights.safetensors``. Either loads with ``pipe.load_lora_weights(path)``.
+    SDXL: `text_encoder_2` is the second text encoder (kohya prefixes then lora_te1 / lora_te2,
+    diffusers components text_encoder / text_encoder_2), and `unet_module_name` maps the U-Net's
+    diffusers module paths to the kohya file's names (`sgm_names.sgm_module_namer`); the
+    diffusers format always keeps the diffusers paths.
     """
     if format not in LORA_FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}; choose one of {LORA_FORMATS}")
     parts = [("lora_unet", "unet", unet)]
     if text_encoder is not None:
-        parts.append(("lora_te", "text_encoder", text_encoder))
+        parts.append(("lora_te" if text_encoder_2 is None else "lora_te1", "text_encoder", text_encoder))
+    if text_encoder_2 is not None:
+        parts.append(("lora_te2", "text_encoder_2", text_encoder_2))
     tensors: dict[str, torch.Tensor] = {}
     ranks: Counter = Counter()
     for kohya_prefix, component, source in parts:
         state, alphas = _state_and_alphas(source, network_alpha)
         ranks.update(pair.rank for pair in split_peft_state_dict(state).values())
         if format == "kohya":
+            if component == "unet" and unet_module_name is not None:
+                state, alphas = _renamed_modules(state, alphas, unet_module_name)
             tensors.update(peft_to_kohya(state, prefix=kohya_prefix, alpha=alphas))
         else:
             tensors.update(peft_to_diffusers(state, prefix=component, alpha=alphas))

@@ -22,7 +22,7 @@ import torch
 
 MODELSPEC_VERSION = "1.0.0"
 NETWORK_MODULE = "networks.lora"
-_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
+_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v", "flow": "flow"}
 _RESERVED_PREFIX = "sshs_"
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from copy import deepcopy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -51,6 +53,18 @@ def get_model_adapter(name: str) -> type["ModelAdapter"]:
     return _FAMILIES[name]
 
 
+Generators = torch.Generator | list[torch.Generator]
+
+
+def per_pair(generator: Generators, count: int) -> list[torch.Generator]:
+    """One generator per pair: the given list, or the one shared stream ``count`` times."""
+    if isinstance(generator, torch.Generator):
+        return [generator] * count
+    if len(generator) != count:
+        raise ValueError(f"expected {count} generators (one per pair), got {len(generator)}")
+    return list(generator)
+
+
 def repeat_pair(x: torch.Tensor) -> torch.Tensor:
     """[B, ...] -> [2B, ...]: the same tensor for the winner and the loser of each pair."""
     return torch.cat([x, x], dim=0)
@@ -59,6 +73,9 @@ def repeat_pair(x: torch.Tensor) -> torch.Tensor:
 class ModelAdapter(ABC):
     family: str = ""
     noise_scheduler: object  # the diffusers training scheduler the objectives read
+    denoiser_name: str = "unet"  # the attribute holding the denoiser (video families: transformer)
+    frozen_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    finetune: str = "lora"  # "full" once unfreeze_denoiser ran
 
     @abstractmethod
     def add_lora(self, network) -> list[torch.nn.Parameter]:
@@ -69,8 +86,8 @@ class ModelAdapter(ABC):
         """Modules holding trainable parameters (what accelerate prepares)."""
 
     @abstractmethod
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> latents [N, ...]."""
+    def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """[N, 3, ...] in [-1, 1] -> latents [N, ...]; ``generator``: one, or N (one per image)."""
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -81,17 +98,20 @@ class ModelAdapter(ABC):
         depends on each image (SDXL's size and crop ids) add it here from the batch."""
         return {name: repeat_pair(value) for name, value in cond.items()}
 
-    def draw_noise_and_timesteps(self, pair_latent_shape: torch.Size, generator: torch.Generator
+    def draw_noise_and_timesteps(self, pair_latent_shape: torch.Size, generator: Generators
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One noise tensor [B, ...] and one timestep [B] per pair, from ``generator``'s stream.
+        """One noise tensor [B, ...] and one timestep [B] per pair.
 
+        ``generator``: one stream for the batch, or a list of B, one per pair (the training loop
+        seeds one per pair, so a pair's draw does not depend on how the batch is split).
         Default: uniform integer timesteps of the training scheduler (DDPM family).
         """
-        noise = torch.randn(pair_latent_shape, generator=generator, device=generator.device)
         num_steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_steps, (pair_latent_shape[0],), generator=generator,
-                                  device=generator.device)
-        return noise, timesteps
+        noise, timesteps = [], []
+        for g in per_pair(generator, pair_latent_shape[0]):
+            noise.append(torch.randn(pair_latent_shape[1:], generator=g, device=g.device))
+            timesteps.append(torch.randint(0, num_steps, (), generator=g, device=g.device))
+        return torch.stack(noise), torch.stack(timesteps)
 
     @abstractmethod
     def make_noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -117,9 +137,16 @@ class ModelAdapter(ABC):
     def trains_text_encoder(self) -> bool:
         return False
 
+    def sampling_kwargs(self) -> dict:
+        """Extra arguments of ``sampling_pipeline()(...)`` for sample images (e.g. video frames)."""
+        return {}
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """The reference model is the same weights with the adapter disabled: no second copy."""
+        if self.finetune == "full":
+            raise RuntimeError("full fine-tuning has no adapter to switch off: the reference is a "
+                               "frozen copy or cached errors (sipo_plugin.training.reference)")
         self.set_adapters_enabled(False)
         try:
             yield
@@ -129,3 +156,84 @@ class ModelAdapter(ABC):
     @abstractmethod
     def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict) -> object:
         """Write the trained LoRA where users' tools load it."""
+
+    # -- full fine-tuning and the reference model (generic: every family names its denoiser) --
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.denoiser_name)
+
+    def add_trainable(self, network) -> list[torch.nn.Parameter]:
+        """What trains: a LoRA (``network.finetune = "lora"``) or every denoiser weight ("full")."""
+        if network.finetune == "full":
+            return self.unfreeze_denoiser()
+        return self.add_lora(network)
+
+    def unfreeze_denoiser(self) -> list[torch.nn.Parameter]:
+        """Full fine-tuning: every denoiser weight trains, kept in fp32 (mixed precision autocasts
+        the forward); the text encoders stay frozen."""
+        self.finetune = "full"
+        denoiser = self.denoiser
+        if denoiser.dtype != torch.float32:
+            denoiser.to(torch.float32)
+        denoiser.requires_grad_(True)
+        return list(denoiser.parameters())
+
+    def frozen_denoiser_copy(self, device: torch.device | str | None = None,
+                             dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """A frozen deep copy of the denoiser as it is now (before any adapter or training)."""
+        copy = deepcopy(self.denoiser).requires_grad_(False).eval()
+        if device is not None:
+            copy.to(device)
+        if dtype is not None and dtype != copy.dtype:
+            copy.to(dtype)
+        return copy
+
+    @contextlib.contextmanager
+    def swapped_denoiser(self, module: torch.nn.Module) -> Iterator[None]:
+        """``predict`` runs ``module`` instead of the trained denoiser (a frozen reference copy)."""
+        trained = self.denoiser
+        setattr(self, self.denoiser_name, module)
+        try:
+            yield
+        finally:
+            setattr(self, self.denoiser_name, trained)
+
+    def release_encoders(self, *, vae: bool, text_encoders: bool) -> list[str]:
+        """Move the VAE and/or the frozen text encoders to the CPU once their outputs are cached
+        (they stay usable for sampling, see ``encoders_on_device``, and export); returns their
+        names."""
+        names = (["vae"] if vae else []) + (
+            [n for n in self.frozen_encoder_names if getattr(self, n, None) is not None]
+            if text_encoders else [])
+        # weights already on the CPU (a CPU run, diffusers group offloading) stay where they are
+        self.released_encoders = [n for n in names
+                                  if next(getattr(self, n).parameters()).device.type != "cpu"]
+        for name in self.released_encoders:
+            getattr(self, name).to("cpu")
+        return names
+
+    def restore_encoders(self) -> None:
+        """Released encoders back on the training device (after training: export, evaluation)."""
+        for name in getattr(self, "released_encoders", []):
+            getattr(self, name).to(self.device)
+        self.released_encoders = []
+
+    @contextlib.contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """Released encoders back on the training device for a while (sampling images mid-run)."""
+        names = getattr(self, "released_encoders", [])
+        self.restore_encoders()
+        try:
+            yield
+        finally:
+            self.released_encoders = names
+            for name in names:
+                getattr(self, name).to("cpu")
+
+    def export_full(self, path, *, metadata: dict) -> Path:
+        """Full fine-tuning: the whole pipeline as a diffusers folder (safetensors), written
+        atomically; ``from_pretrained(path)`` loads it, diffusers' conversion scripts turn it into
+        a single-file checkpoint for WebUI / ComfyUI."""
+        from ..export.full_model import save_pipeline_atomic
+        return save_pipeline_atomic(self.sampling_pipeline(), path, metadata=metadata)

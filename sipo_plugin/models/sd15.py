@@ -14,7 +14,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .base import Conditioning, ModelAdapter, NoisyBatch, register_model_family
+from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -27,34 +27,43 @@ def resolve_model_path(name_or_path: str) -> Path:
     return Path(name_or_path)
 
 
-def load_sd15_components(name_or_path: str, model_config: str = "") -> dict:
-    """Load tokenizer, text encoder, VAE, U-Net and a DDPM training scheduler, all local."""
+def load_pipeline_components(name_or_path: str, model_config: str, *, pipeline_cls,
+                             parts: dict[str, type], architecture: str,
+                             single_file_kwargs: dict | None = None) -> dict:
+    """`parts` ({subfolder: class}) of a local diffusers folder, or of a single-file checkpoint
+    loaded by `pipeline_cls.from_single_file` with the configs of `model_config`, plus a DDPM
+    training scheduler ("scheduler"); nothing is downloaded. `architecture` names the expected
+    model in errors."""
     path = resolve_model_path(name_or_path)
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         if not model_config:
             raise ValueError(f"{path}: a single-file checkpoint needs model_config, a local diffusers "
                              "folder with the model's configs (model_index.json, unet/config.json, ...)")
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=model_config, local_files_only=True,
-                safety_checker=None, requires_safety_checker=False)
-        except (NotImplementedError, KeyError, RuntimeError) as err:  # missing/mis-shaped weights
+            pipe = pipeline_cls.from_single_file(str(path), config=model_config, local_files_only=True,
+                                                 **(single_file_kwargs or {}))
+        except (NotImplementedError, KeyError, RuntimeError, ValueError) as err:  # missing/mis-shaped weights
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path}: not an SD1.x checkpoint matching the configs in {model_config} "
-                             f"({first_line})") from err
-        parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "unet")}
-        parts["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
-        return parts
+            raise ValueError(f"{path}: not an {architecture} checkpoint matching the configs in "
+                             f"{model_config} ({first_line})") from err
+        components = {name: getattr(pipe, name) for name in parts}
+        components["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+        return components
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{path}: not a diffusers model folder (no model_index.json); give a diffusers "
                          "folder, or a .safetensors checkpoint with model_config")
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae"),
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-        "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-    }
+    components = {name: cls.from_pretrained(path, subfolder=name) for name, cls in parts.items()}
+    components["scheduler"] = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    return components
+
+
+def load_sd15_components(name_or_path: str, model_config: str = "") -> dict:
+    """Load tokenizer, text encoder, VAE, U-Net and a DDPM training scheduler, all local."""
+    return load_pipeline_components(
+        name_or_path, model_config, pipeline_cls=StableDiffusionPipeline, architecture="SD1.x",
+        parts={"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel, "vae": AutoencoderKL,
+               "unet": UNet2DConditionModel},
+        single_file_kwargs={"safety_checker": None, "requires_safety_checker": False})
 
 
 @register_model_family("sd15")
@@ -116,7 +125,7 @@ class SD15Adapter(ModelAdapter):
             module.enable_adapters() if enabled else module.disable_adapters()
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:
         latent_dist = self.vae.encode(pixel_values.to(self.device, torch.float32)).latent_dist
         return latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
 

@@ -8,13 +8,13 @@ the resolved config.
 
 from __future__ import annotations
 
-import io
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..utils.io import atomic_write_bytes
+from ..utils.io import _atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{7})\.pt$")
@@ -36,9 +36,9 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict, keep_last: i
     """Write ``state`` atomically, then delete all but the newest ``keep_last`` checkpoints."""
     path = checkpoint_path(output_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    # streamed into the temp file: a full fine-tuning state (weights + optimizer) is not copied
+    # into memory a second time
+    _atomic_write(path, partial(torch.save, state))
     for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path

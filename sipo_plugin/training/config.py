@@ -24,6 +24,7 @@ else:  # pragma: no cover
 from ..objectives import available_objectives, get_objective
 
 TOY_MODEL = "toy"  # the bundled toy pipeline, sipo_plugin/toy/model
+OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor")
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,7 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = _help("model family adapter: sd15", "sd15")
+    family: str = _help("model family adapter: sd15, sdxl, cogvideox or wan", "sd15")
     pretrained_model_name_or_path: str = _help(
         "a diffusers folder, a single-file .safetensors checkpoint (needs model_config), or 'toy'",
         TOY_MODEL,
@@ -46,16 +47,59 @@ class ModelConfig:
     model_config: str = _help(
         "for a single-file checkpoint: a local diffusers folder holding the model's configs", ""
     )
+    # low-VRAM options of the large (video) families
+    base_weights_dtype: str = _help(
+        "storage dtype of the frozen base transformer: '' (as loaded), 'bf16', or 'fp8' (layerwise "
+        "casting: float8_e4m3fn storage, upcast per layer for compute; about half of bf16's memory)",
+        "")
+    group_offload: bool = _help(
+        "diffusers group offloading: frozen weights stay in CPU memory and come to the GPU as they "
+        "run (cogvideox: the T5 text encoder; GPU only: ignored on CPU with a note)", False)
+    vae_tiling: bool = _help("encode videos tile by tile (less VAE activation memory)", False)
+    vae_slicing: bool = _help("encode a batch one video at a time (less VAE activation memory)", False)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     train_data: str = _help(
-        "pair data: a folder with w/ and l/ subfolders, or a .jsonl / .csv manifest", ""
+        "pair data: a folder with w/ and l/ subfolders, a .jsonl / .csv manifest, or Pick-a-Pic v2 "
+        ".parquet shard(s) (a file or a folder; needs pip install 'sipo-plugin[pickapic]')", ""
     )
     caption_extension: str = _help("caption file extension for folder pairs", ".txt")
     resolution: int = _help("training resolution in pixels (square, centre crop)", 512)
     dataloader_num_workers: int = _help("DataLoader worker processes", 0)
+    # aspect-ratio buckets and augmentation (sd-scripts names and defaults)
+    enable_bucket: bool = _help(
+        "aspect-ratio buckets of about resolution^2 pixels; both images of a pair share the bucket "
+        "nearest the geometric mean of their aspect ratios, and a batch holds one bucket", False)
+    min_bucket_reso: int = _help("smallest bucket side (a multiple of bucket_reso_steps)", 256)
+    max_bucket_reso: int = _help("largest bucket side (a multiple of bucket_reso_steps)", 1024)
+    bucket_reso_steps: int = _help("bucket sides are multiples of this", 64)
+    caption_dropout_rate: float = _help(
+        "probability that a pair trains with an empty prompt (decided per pair and epoch from seed)",
+        0.0)
+    flip_aug: bool = _help(
+        "mirror both images of a pair left-right with probability 0.5 (one decision per pair and "
+        "epoch, from seed)", False)
+    # caching (sd-scripts names): encode once before training, then release the encoders
+    cache_latents: bool = _help(
+        "encode both images of every pair once before training (one VAE posterior sample per "
+        "image, kept in memory) and move the VAE off the device", False)
+    cache_latents_to_disk: bool = _help(
+        "cache latents as safetensors under cache_dir, reused by later runs (implies cache_latents)",
+        False)
+    cache_text_encoder_outputs: bool = _help(
+        "encode every distinct prompt once (plus \"\" for caption dropout) and move the text "
+        "encoders off the device; not with train_text_encoder", False)
+    cache_dir: str = _help("where cached latents and reference errors go ('': <output_dir>/cache)", "")
+    # video families (cogvideox, wan): clips of num_frames frames (see sipo_plugin/data/video.py)
+    num_frames: int = _help(
+        "video: frames per clip, 4k+1 (e.g. 49 or 81); 0 for image families", 0)
+    frame_fps: float = _help(
+        "video: resample clips to this frame rate by timestamps (0: the file's own frames; frame "
+        "folders are taken as they are)", 0.0)
+    video_height: int = _help("video: clip height in pixels (resize + centre crop)", 480)
+    video_width: int = _help("video: clip width in pixels (resize + centre crop)", 720)
 
 
 @dataclass(frozen=True)
@@ -71,6 +115,9 @@ class NetworkConfig:
         "text-encoder module names the LoRA wraps",
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     )
+    finetune: str = _help(
+        "lora (train a LoRA, exported as a LoRA file) or full (every U-Net weight trains, the text "
+        "encoder stays frozen; exported as a diffusers pipeline folder)", "lora")
 
 
 @dataclass(frozen=True)
@@ -107,12 +154,42 @@ class TrainingConfig:
     resume: str = _help("resume from 'latest' (in output_dir/checkpoints) or a checkpoint file", "")
     log_with: str = _help("extra tracker: none or tensorboard (JSONL is always written)", "none")
     cpu: bool = _help("force CPU even when a GPU is present", False)
+    # the reference model (see sipo_plugin/training/reference.py for the trade-offs)
+    reference: str = _help(
+        "auto (LoRA: the base with the adapter off; full: frozen_copy), frozen_copy (a frozen "
+        "copy of the U-Net), or cached (reference errors of reference_cache_draws noise/timestep "
+        "draws per pair computed before training; needs cache_latents)", "auto")
+    reference_device: str = _help("frozen copy's device: '' (the training device) or e.g. 'cpu'", "")
+    reference_dtype: str = _help(
+        "frozen copy's dtype: '' (the base weights' dtype), 'fp16', 'bf16' or 'fp32'", "")
+    reference_cache_draws: int = _help(
+        "reference = cached: (noise, timestep) draws stored per pair; training cycles through them",
+        4)
+    # memory (low VRAM)
+    optimizer_type: str = _help(
+        "AdamW, AdamW8bit (bitsandbytes; falls back to AdamW with a note) or Adafactor", "AdamW")
+    gradient_checkpointing: bool = _help(
+        "recompute activations in the backward pass: less memory, about 20-40% more time", False)
+    xformers: bool = _help(
+        "xformers attention on CUDA when installed (else PyTorch SDPA, with a note)", False)
+    full_bf16: bool = _help(
+        "store the trained weights (and their gradients) in bf16; needs mixed_precision = \"bf16\"",
+        False)
+    # sample images during training
+    sample_every_n_steps: int = _help(
+        "sample images for sample_prompts every N steps and at the end into output_dir/samples (0: off)",
+        0)
+    sample_prompts: list = _help("prompts for the sample images", [])
+    sample_seed: int = _help("seed of the sample images (the same for every step)", 1234)
+    sample_steps: int = _help("sampler steps of the sample images", 20)
+    sample_guidance_scale: float = _help("classifier-free guidance of the sample images", 7.0)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     lora_format: str = _help(
-        "kohya (sd-scripts keys: WebUI, ComfyUI, diffusers) or diffusers (PEFT keys)", "kohya"
+        "kohya (sd-scripts keys: WebUI, ComfyUI, diffusers) or diffusers (PEFT keys); wan: wan "
+        "(original Wan keys: ComfyUI, diffusers) or musubi (musubi-tuner keys)", "kohya"
     )
 
 
@@ -346,8 +423,13 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{where}: 'save_every_n_steps' must be >= 0, got {t.save_every_n_steps}")
     if t.learning_rate <= 0 or n.network_alpha <= 0:
         raise ConfigError(f"{where}: 'learning_rate' and 'network_alpha' must be > 0")
+    if t.full_bf16 and t.mixed_precision != "bf16":
+        raise ConfigError(f"{where}: full_bf16 = true needs mixed_precision = \"bf16\"")
+    if t.sample_every_n_steps < 0 or (t.sample_every_n_steps and not t.sample_prompts):
+        raise ConfigError(f"{where}: sample_every_n_steps needs sample_prompts (and must be >= 0)")
     choices = {"mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16")),
-               "lora_format": (config.export.lora_format, ("kohya", "diffusers")),
+               "optimizer_type": (t.optimizer_type, OPTIMIZER_TYPES),
+               "lora_format": (config.export.lora_format, _lora_formats(m.family)),
                "log_with": (t.log_with, ("none", "tensorboard")),
                "lr_scheduler": (t.lr_scheduler, ("constant", "constant_with_warmup", "linear",
                                                   "cosine", "cosine_with_restarts", "polynomial"))}
@@ -355,10 +437,14 @@ def _validate(config: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{where}: '{key}' must be one of {', '.join(allowed)}, got '{value}'"
                               f"{_closest(value, allowed)}")
-    from ..models import available_model_families
+    from ..models import available_model_families, get_model_adapter
     if m.family not in available_model_families():
         raise ConfigError(f"{where}: unknown model family '{m.family}'; available: "
                           f"{', '.join(available_model_families())}{_closest(m.family, available_model_families())}")
+    try:  # family-specific cross-checks (e.g. wan: musubi LoRAs need the FFN targets)
+        getattr(get_model_adapter(m.family), "check_config", lambda config: None)(config)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     if m.pretrained_model_name_or_path != TOY_MODEL and not Path(m.pretrained_model_name_or_path).exists():
         raise ConfigError(f"{where}: model not found: {m.pretrained_model_name_or_path} "
                           "(set pretrained_model_name_or_path to a diffusers folder or .safetensors file)")
@@ -369,8 +455,70 @@ def _validate(config: Config) -> None:
     if not config.toy.generate_pairs and not Path(d.train_data).exists():
         raise ConfigError(f"{where}: train_data not found: {d.train_data} "
                           "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
+    _validate_reference_and_caches(config)
+    _validate_buckets_and_augmentation(config)
     try:  # the objective validates its own hyper-parameters (unknown names, ranges)
         get_objective(config.objective.name, **config.objective.hyperparameters)
     except (KeyError, ValueError, TypeError) as err:
         message = err.args[0] if err.args else str(err)
         raise ConfigError(f"{where}: [objective] {message}") from None
+    from ..data.video import check_video_config
+    try:  # clip length and size for the video families, the low-VRAM options
+        check_video_config(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _validate_buckets_and_augmentation(config: Config) -> None:
+    """[data] bucket settings (when enable_bucket) and caption_dropout_rate in [0, 1]."""
+    from ..data.buckets import BucketSpec
+    d = config.data
+    if not 0.0 <= d.caption_dropout_rate <= 1.0:
+        raise ConfigError(f"{config.source}: 'caption_dropout_rate' must be in [0, 1], "
+                          f"got {d.caption_dropout_rate}")
+    problem = BucketSpec(d.resolution, d.min_bucket_reso, d.max_bucket_reso,
+                         d.bucket_reso_steps).problem() if d.enable_bucket else None
+    if problem:
+        raise ConfigError(f"{config.source}: {problem} (or set enable_bucket = false)")
+
+
+def _lora_formats(family: str) -> tuple[str, ...]:
+    """The LoRA formats the family's adapter writes (``lora_formats``; default kohya, diffusers)."""
+    from ..models import available_model_families, get_model_adapter
+    if family not in available_model_families():
+        return ("kohya", "diffusers")  # the unknown family is reported on its own
+    return tuple(getattr(get_model_adapter(family), "lora_formats", ("kohya", "diffusers")))
+
+
+def _validate_reference_and_caches(config: Config) -> None:
+    """Cross-checks of finetune, reference and caching (one line each, naming the fix)."""
+    where, t, d, n = config.source, config.training, config.data, config.network
+    choices = {"finetune": (n.finetune, ("lora", "full")),
+               "reference": (t.reference, ("auto", "frozen_copy", "cached")),
+               "reference_dtype": (t.reference_dtype, ("", "fp16", "bf16", "fp32"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(repr, allowed))}, "
+                              f"got '{value}'{_closest(value, allowed)}")
+    if t.reference_cache_draws <= 0:
+        raise ConfigError(f"{where}: 'reference_cache_draws' must be > 0, got {t.reference_cache_draws}")
+    if n.finetune == "full" and n.train_text_encoder:
+        raise ConfigError(f"{where}: finetune = \"full\" trains the U-Net only; set "
+                          "train_text_encoder = false")
+    if d.cache_text_encoder_outputs and n.train_text_encoder:
+        raise ConfigError(f"{where}: cache_text_encoder_outputs needs a frozen text encoder; set "
+                          "train_text_encoder = false or cache_text_encoder_outputs = false")
+    caches_latents = d.cache_latents or d.cache_latents_to_disk
+    if caches_latents and getattr(d, "flip_aug", False):
+        raise ConfigError(f"{where}: flip_aug cannot be used with cache_latents (the cache holds one "
+                          "orientation); set flip_aug = false or cache_latents = false")
+    if t.reference == "cached" and not caches_latents:
+        raise ConfigError(f"{where}: reference = \"cached\" needs cache_latents = true (the cached "
+                          "errors are for fixed latents)")
+    if t.reference == "cached" and getattr(d, "caption_dropout_rate", 0.0) > 0:
+        raise ConfigError(f"{where}: reference = \"cached\" cannot be used with caption_dropout_rate > 0 "
+                          "(the cached errors are for the full caption); set caption_dropout_rate = 0")
+    copies = t.reference == "frozen_copy" or (t.reference == "auto" and n.finetune == "full")
+    if (t.reference_device or t.reference_dtype) and not copies:
+        raise ConfigError(f"{where}: reference_device / reference_dtype apply to a frozen copy only; "
+                          "set reference = \"frozen_copy\" or leave them empty")

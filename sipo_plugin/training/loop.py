@@ -1,12 +1,15 @@
 """The training loop: orchestration only; the math is in sipo_plugin.objectives.
 
 One step (``train_step``) reads top to bottom:
-encode -> shared noise and t -> policy prediction -> reference prediction (adapter off) ->
-objective -> backward -> clip / step / zero_grad when gradients sync.
+encode (or read the caches) -> shared noise and t -> policy prediction -> reference errors
+(adapter off, a frozen copy, or cached by a pre-pass: training/reference.py) -> objective ->
+backward -> clip / step / zero_grad when gradients sync.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +26,14 @@ from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, get_objective, per_sample_error
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ..data.cache import batch_conditioning, batch_latents, build_data_cache, cache_dir_of
 from .config import Config
+from .reference import (AdapterOffReference, cached_reference_errors, make_reference,
+                        pair_generators)
+from .memory import (build_optimizer, cast_trainable_to_bf16, enable_gradient_checkpointing,
+                     enable_xformers, optimizer_name)
 from .metrics import MetricsLogger
+from .sampling import save_samples
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,15 +52,35 @@ class TrainResult:
     started_at: float
     metrics_log: Path
     last_metrics: dict = field(default_factory=dict)
+    optimizer: str = "torch.optim.AdamW"
+    reference: object = None  # the live reference (training/reference.py); None when cached
+
+
+def use_cpu(training) -> bool:
+    """accelerate's CPU mode: asked for, or several processes without a GPU (torchrun on CPU),
+    where it sets up gloo; without it each process would silently train alone."""
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return training.cpu or (several_processes and not torch.cuda.is_available())
 
 
 def make_dataloader(config: Config, records, *, total: int, start: int = 0):
-    """Micro-batches ``start`` .. ``total`` of the run's fixed data order (see PairBatchSampler)."""
-    sampler = PairBatchSampler(len(records), config.training.train_batch_size,
-                               seed=config.training.seed, total=total, start=start)
-    return torch.utils.data.DataLoader(
-        PairDataset(records, config.data.resolution), batch_sampler=sampler,
-        collate_fn=collate_pairs, num_workers=config.data.dataloader_num_workers)
+    """Micro-batches ``start`` .. ``total`` of the run's fixed data order (see PairBatchSampler;
+    images: BucketBatchSampler when enable_bucket, augmentation decided per (seed, epoch, pair))."""
+    from ..data import BucketSpec, PairAugmentation, make_pair_loader
+    d, t = config.data, config.training
+    if d.num_frames:
+        sampler = PairBatchSampler(len(records), t.train_batch_size, seed=t.seed, total=total,
+                                   start=start)
+        from ..data.video import video_dataset  # video families (num_frames > 0) train on clips
+        return torch.utils.data.DataLoader(
+            video_dataset(config, records), batch_sampler=sampler,
+            collate_fn=collate_pairs, num_workers=d.dataloader_num_workers)
+    buckets = (BucketSpec(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+               if d.enable_bucket else None)
+    return make_pair_loader(
+        records, resolution=d.resolution, batch_size=t.train_batch_size, seed=t.seed, total=total,
+        start=start, num_workers=d.dataloader_num_workers, buckets=buckets,
+        augmentation=PairAugmentation(t.seed, d.caption_dropout_rate, d.flip_aug))
 
 
 def progress_fields(metrics: dict) -> dict:
@@ -61,38 +90,73 @@ def progress_fields(metrics: dict) -> dict:
     return {label: fmt.format(metrics[key]) for label, (key, fmt) in shown.items() if key in metrics}
 
 
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of integers (stable across runs and processes)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+@dataclass
+class PairDraws:
+    """The random streams of one micro-batch: one per image (VAE sample) and one per pair (noise
+    and timestep), keyed by (seed, step, micro-batch, pair index), so a pair's draws are the same
+    whether the batch runs in one process or is split across several."""
+
+    images: list[torch.Generator]  # [2B], winners first
+    pairs: list[torch.Generator]  # [B]
+
+    @classmethod
+    def for_batch(cls, seed: int, step: int, micro: int, indices: torch.Tensor) -> "PairDraws":
+        ids = indices.tolist()
+        return cls(images=[seeded_generator(seed, step, micro, i, side)
+                           for side in (0, 1) for i in ids],
+                   pairs=[seeded_generator(seed, step, micro, i, 2) for i in ids])
+
+
 def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accelerator,
-               optimizer, lr_scheduler, params, max_grad_norm: float,
-               generator: torch.Generator) -> dict:
-    """One micro-batch of B pairs laid out as 2B samples, winners first."""
+               optimizer, lr_scheduler, params, max_grad_norm: float, draws: PairDraws,
+               reference=None) -> dict:
+    """One micro-batch of B pairs laid out as 2B samples, winners first. ``reference``: the live
+    reference (None: the LoRA's adapter-off base); a batch with cached reference errors needs none."""
     with accelerator.accumulate(*adapter.trainable_modules()):
-        # encode images and prompts; the prompt is shared by winner and loser
-        latents = adapter.encode_images(batch["pixel_values"], generator)
-        cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
+        # encode images and prompts, or read their caches; the prompt is shared by winner and loser
+        latents = batch_latents(adapter, batch, draws.images)
+        cond = batch_conditioning(adapter, batch)
         # one noise and one timestep per pair
-        noisy = adapter.noisy_inputs(latents, generator)
-        # policy: the model with its LoRA
+        noisy = adapter.noisy_inputs(latents, draws.pairs)
+        # policy: the trained model
         with accelerator.autocast():
             model_pred = adapter.predict(noisy.noisy, noisy.timesteps, cond)
-        # reference: the same weights with the adapter disabled
-        with torch.no_grad(), adapter.reference(), accelerator.autocast():
-            ref_cond = (adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
-                        if adapter.trains_text_encoder else cond)
-            ref_pred = adapter.predict(noisy.noisy, noisy.timesteps, ref_cond)
-        # the objective, by name
-        out = objective(model_pred, ref_pred, noisy.target, noisy.timesteps, adapter.noise_scheduler)
+        # reference errors: cached by the pre-pass, or the base model's prediction without grad
+        ref_err = batch.get("reference_errors")
+        if ref_err is None:
+            with torch.no_grad(), accelerator.autocast():
+                ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
+            ref_err = per_sample_error(ref_pred, noisy.target)
+        # the objective, by name (objective(...) on predictions computes exactly these errors)
+        out = objective.from_errors(per_sample_error(model_pred, noisy.target), ref_err,
+                                    noisy.timesteps, adapter.noise_scheduler)
         loss = weighted_pair_loss(out, batch["weights"].to(out.loss.device))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} (metrics: {out.metrics}); lower learning_rate or beta, "
                 "or use mixed_precision = \"no\"")
         accelerator.backward(loss)
+        if accelerator.sync_gradients and accelerator.num_processes > 1:
+            average_gradients(params, accelerator)
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return out.metrics
+
+
+def average_gradients(params, accelerator: Accelerator) -> None:
+    """Data parallel: every process ends the step with the mean gradient over all processes."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
@@ -103,16 +167,20 @@ def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate(objective, adapter: ModelAdapter, loader, generator) -> float:
-    """kappa = 'auto': reference errors on a few batches -> the kappa hitting the mask target."""
-    errors, timesteps = [], []
-    with adapter.reference():
+def calibrate(objective, adapter: ModelAdapter, loader, generator, reference=None,
+              cached=None) -> float:
+    """kappa = 'auto': reference errors on a few batches (or every cached reference draw) -> the
+    kappa hitting the mask target."""
+    if cached is not None:
+        errors, timesteps = cached.calibration_sample()
+    else:
+        errors, timesteps = [], []
         for batch in loader:
-            latents = adapter.encode_images(batch["pixel_values"], generator)
+            latents = batch_latents(adapter, batch, generator)
             noisy = adapter.noisy_inputs(latents, generator)
-            cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
-            errors.append(per_sample_error(adapter.predict(noisy.noisy, noisy.timesteps, cond),
-                                           noisy.target))
+            cond = batch_conditioning(adapter, batch)
+            ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
+            errors.append(per_sample_error(ref_pred, noisy.target))
             timesteps.append(noisy.timesteps)
     cfg = objective.config
     return calibrate_kappa(errors, timesteps, adapter.noise_scheduler,
@@ -121,7 +189,8 @@ def calibrate(objective, adapter: ModelAdapter, loader, generator) -> float:
 
 
 def lora_state(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) tensors of every trainable module, by a stable name."""
+    """The trainable tensors of every trainable module, by a stable name: the LoRA, or for full
+    fine-tuning every U-Net weight."""
     return {f"{i}.{name}": p.detach().cpu().clone()
             for i, module in enumerate(adapter.trainable_modules())
             for name, p in module.named_parameters() if p.requires_grad}
@@ -130,16 +199,18 @@ def lora_state(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
 def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> None:
     current = dict(lora_state(adapter))
     if current.keys() != state.keys():
-        raise ValueError("the checkpoint's LoRA does not match this run's network settings "
-                         "(network_dim, targets, train_text_encoder)")
+        raise ValueError("the checkpoint's trainable weights do not match this run's network "
+                         "settings (finetune, network_dim, targets, train_text_encoder)")
     for i, module in enumerate(adapter.trainable_modules()):
         for name, p in module.named_parameters():
             if p.requires_grad:
                 p.data.copy_(state[f"{i}.{name}"])
 
 
-def objective_for_run(config: Config, adapter, records, checkpoint, generator, log):
-    """The configured objective; kappa = 'auto' is calibrated once (or restored on resume)."""
+def objective_for_run(config: Config, adapter, records, checkpoint, generator, log,
+                      reference=None, data_cache=None):
+    """The configured objective; kappa = 'auto' is calibrated once (or restored on resume) with
+    the run's reference and caches."""
     if checkpoint is not None:
         return get_objective(checkpoint["objective_name"], **checkpoint["objective_hyperparameters"])
     objective = get_objective(config.objective.name, **config.objective.hyperparameters)
@@ -147,7 +218,10 @@ def objective_for_run(config: Config, adapter, records, checkpoint, generator, l
         t = config.training
         loader = make_dataloader(config, records, total=min(t.calibration_batches,
                                                             len(records) // t.train_batch_size))
-        kappa = calibrate(objective, adapter, loader, generator)
+        if data_cache is not None:
+            loader = data_cache.wrap(loader)
+        kappa = calibrate(objective, adapter, loader, generator, reference,
+                          cached=data_cache.reference if data_cache is not None else None)
         objective = objective.with_kappa(kappa)
         log.info(f"kappa = 'auto' calibrated to {kappa:.6g} (masks "
                  f"{objective.config.target_mask_fraction:.0%} of pairs at w < "
@@ -156,13 +230,29 @@ def objective_for_run(config: Config, adapter, records, checkpoint, generator, l
     return objective
 
 
-def save_training_state(config: Config, step: int, adapter, objective, optimizer, lr_scheduler,
-                        generator) -> Path:
+def save_training_state(config: Config, step: int, adapter, objective, optimizer, lr_scheduler
+                        ) -> Path:
     return save_checkpoint(config.training.output_dir, step, {
         "step": step, "lora": lora_state(adapter), "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(), "noise_generator": generator.get_state(),
+        "lr_scheduler": lr_scheduler.state_dict(),
         "objective_name": objective.name, "objective_hyperparameters": objective.hyperparameters(),
         "config": config.to_dict()}, keep_last=config.training.save_last_n)
+
+
+def prepare_caches(config: Config, adapter, records, accelerator, log):
+    """Latent / text-encoder caches and, for reference = "cached", the reference pre-pass (run
+    before a checkpoint's weights load: it needs the base model). None when nothing is cached."""
+    d = config.data
+    if not (d.cache_latents or d.cache_latents_to_disk or d.cache_text_encoder_outputs):
+        return None  # (reference = "cached" needs cached latents: the config checks it)
+    probe = make_dataloader(config, records, total=1)  # the data pipeline's dataset and collate
+    output_dir = Path(config.training.output_dir)
+    data_cache = build_data_cache(config, adapter, records, probe, output_dir, log)
+    if config.training.reference == "cached":
+        data_cache.reference = cached_reference_errors(
+            config, adapter, records, data_cache, probe, cache_dir_of(config, output_dir),
+            accelerator, log)
+    return data_cache
 
 
 def train(config: Config) -> TrainResult:
@@ -174,7 +264,7 @@ def train(config: Config) -> TrainResult:
     # a process may run several trainings (tests, benchmarks): accelerate's state is a singleton
     # that refuses a new mixed-precision setting, so drop it (the distributed setup is kept)
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=t.cpu,
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=use_cpu(t),
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=None if t.log_with == "none" else t.log_with,
                               project_dir=str(output_dir))
@@ -191,33 +281,49 @@ def train(config: Config) -> TrainResult:
     log.info(f"{len(records)} pairs from {config.data.train_data}")
     adapter = get_model_adapter(config.model.family).load(
         config.model, device=accelerator.device, weight_dtype=WEIGHT_DTYPES[accelerator.mixed_precision])
-    generator = torch.Generator(device="cpu").manual_seed(t.seed)
-    params = adapter.add_lora(config.network)
+    generator = seeded_generator(t.seed, -1)  # calibration's draws; training's are per pair
+    reference = make_reference(config, adapter, log)  # before training: a frozen copy is the base
+    params = adapter.add_trainable(config.network)
+    data_cache = prepare_caches(config, adapter, records, accelerator, log)
     # the adapter starts as an exact no-op (lora_up = 0), so calibration sees the reference
-    objective = objective_for_run(config, adapter, records, checkpoint, generator, log)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    objective = objective_for_run(config, adapter, records, checkpoint, generator, log,
+                                  reference, data_cache)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(adapter.trainable_modules())
+    if t.xformers:
+        enable_xformers(adapter.trainable_modules(), accelerator.device, log.info)
+    if t.full_bf16:
+        cast_trainable_to_bf16(params)
+    optimizer = build_optimizer(params, t, log.info)
+    optimizer_used = optimizer_name(optimizer)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_train_steps)
     if checkpoint is not None:
         load_lora_state(adapter, checkpoint["lora"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        generator.set_state(checkpoint["noise_generator"])
         log.info(f"resumed from {resume_from} at step {start}")
     micro = t.gradient_accumulation_steps
-    loader = make_dataloader(config, records, total=t.max_train_steps * micro, start=start * micro)
-    *_, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *adapter.trainable_modules(), optimizer, loader, lr_scheduler)
+    # every process takes every n-th micro-batch of one stream (accelerate's batch-sampler shards)
+    stream = micro * accelerator.num_processes
+    loader = make_dataloader(config, records, total=t.max_train_steps * stream, start=start * stream)
+    if data_cache is not None:
+        loader = data_cache.wrap(loader)
+    # the modules stay unwrapped (the adapter switches their LoRA on and off); with several
+    # processes, train_step averages the gradients itself
+    optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
 
-    log.info(f"training {sum(p.numel() for p in params):,} LoRA parameters with '{objective.name}' "
+    log.info(f"training {sum(p.numel() for p in params):,} {config.network.finetune} parameters with '{objective.name}' "
              f"for {t.max_train_steps} steps, {t.train_batch_size} pairs x {micro} accumulation")
     progress = tqdm(total=t.max_train_steps, initial=start, desc=objective.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    step = start
+    step, micro_step = start, 0
     for batch in loader:
+        draws = pair_generators(batch, PairDraws.for_batch(t.seed, step, micro_step % micro,
+                                                           batch["indices"]), t.seed)
+        micro_step += 1
         metrics = train_step(batch, adapter, objective, accelerator, optimizer, lr_scheduler,
-                             params, t.max_grad_norm, generator)
+                             params, t.max_grad_norm, draws, reference)
         log.accumulate(metrics)
         if not accelerator.sync_gradients:
             continue
@@ -226,12 +332,18 @@ def train(config: Config) -> TrainResult:
         progress.set_postfix(progress_fields(metrics), refresh=False)
         if step % t.logging_steps == 0 or step == t.max_train_steps:
             log.flush(step, lr=lr_scheduler.get_last_lr()[0])
+        if t.sample_every_n_steps and (step % t.sample_every_n_steps == 0
+                                       or step == t.max_train_steps):
+            if accelerator.is_main_process:
+                with adapter.encoders_on_device():  # cached runs released the VAE / text encoders
+                    save_samples(adapter, t, step)
         if t.save_every_n_steps and (step % t.save_every_n_steps == 0 or step == t.max_train_steps):
             if accelerator.is_main_process:
-                save_training_state(config, step, adapter, objective, optimizer, lr_scheduler,
-                                    generator)
+                save_training_state(config, step, adapter, objective, optimizer, lr_scheduler)
     progress.close()
     log.close()
+    adapter.restore_encoders()  # export and evaluation sample with the VAE / text encoders
     return TrainResult(adapter=adapter, objective=objective, accelerator=accelerator, steps=step,
                        num_pairs=len(records), started_at=started_at,
-                       metrics_log=output_dir / "metrics.jsonl", last_metrics=log.last)
+                       metrics_log=output_dir / "metrics.jsonl", last_metrics=log.last,
+                       optimizer=optimizer_used, reference=reference)

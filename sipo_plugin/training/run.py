@@ -8,7 +8,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import Config
-from .loop import TrainResult, train
+from .loop import TrainResult, train, use_cpu
+
+
+def clip_or_image_size(config: Config) -> int | tuple[int, int]:
+    """The trained size for the metadata: (video_height, video_width) for video families."""
+    d = config.data
+    return (d.video_height, d.video_width) if d.num_frames else d.resolution
 
 
 def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
@@ -24,8 +30,8 @@ def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
         network_dim=config.network.network_dim, network_alpha=config.network.network_alpha,
         learning_rate=t.learning_rate, num_train_images=2 * result.num_pairs, steps=result.steps,
         training_started_at=result.started_at, output_name=t.output_name,
-        mixed_precision=t.mixed_precision, seed=t.seed, optimizer="torch.optim.AdamW",
-        lr_scheduler=t.lr_scheduler, resolution=config.data.resolution,
+        mixed_precision=t.mixed_precision, seed=t.seed, optimizer=result.optimizer,
+        lr_scheduler=t.lr_scheduler, resolution=clip_or_image_size(config),
         sd_model_name=config.model.pretrained_model_name_or_path,
         prediction_type=result.adapter.prediction_type,
         base_model_version=result.adapter.base_model_version,
@@ -33,7 +39,14 @@ def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
 
 
 def export(config: Config, result: TrainResult) -> Path:
+    """The LoRA file (finetune = "lora") or, for full fine-tuning, the whole pipeline as a diffusers
+    folder <output_dir>/<output_name>/ (with sipo_training.json holding the metadata)."""
     t = config.training
+    if config.network.finetune == "full":
+        written = result.adapter.export_full(Path(t.output_dir) / t.output_name,
+                                             metadata=lora_metadata(config, result))
+        tqdm.write(f"fine-tuned model (diffusers folder) written to {written}")
+        return Path(written)
     suffix = ".safetensors" if config.export.lora_format == "kohya" else ""
     path = Path(t.output_dir) / f"{t.output_name}{suffix}"
     written = result.adapter.export_lora(path, lora_format=config.export.lora_format,
@@ -47,9 +60,13 @@ def run(config: Config) -> dict:
     """Run the configured job; returns paths and, for the toy world, the evaluation."""
     start = time.time()
     if config.toy.generate_pairs:
+        from accelerate import PartialState
         from .toy_world import ensure_toy_pairs
-        ensure_toy_pairs(config)
+        with PartialState(cpu=use_cpu(config.training)).main_process_first():  # the others then find the pairs ready
+            ensure_toy_pairs(config)
     result = train(config)
+    if not result.accelerator.is_main_process:  # with several processes, one writes the outputs
+        return {}
     summary = {"lora": str(export(config, result)), "metrics": str(result.metrics_log)}
     if config.toy.evaluate:
         from .toy_world import evaluate_run

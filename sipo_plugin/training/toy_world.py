@@ -60,8 +60,12 @@ def evaluate_run(config: Config, result: TrainResult) -> dict:
     pipe = adapter.sampling_pipeline()
     prompts, seeds = eval_set(toy.eval_samples)
     kwargs = {"num_inference_steps": toy.num_inference_steps, "guidance_scale": toy.guidance_scale}
-    with adapter.reference():
-        base = sample_images(pipe, prompts, seeds, **kwargs)
+    if config.network.finetune == "full":  # no adapter to switch off: sample a fresh base
+        base_pipe = type(adapter).load(config.model, device=adapter.device).sampling_pipeline()
+        base = sample_images(base_pipe, prompts, seeds, **kwargs)
+    else:
+        with adapter.reference():
+            base = sample_images(pipe, prompts, seeds, **kwargs)
     tuned = sample_images(pipe, prompts, seeds, **kwargs)
     stats = evaluate(base, tuned, prompts, get_reward(toy.reward))
     stats.update(reward=toy.reward, objective=result.objective.name)
