@@ -2,7 +2,6 @@
 trains exactly like a live one given the same VAE posterior sample."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,29 +9,11 @@ import torch
 from sipo_plugin.data import read_pairs
 from sipo_plugin.data.cache import (LATENT_STREAM, PromptCache, build_data_cache, collate_cached,
                                     stack_pair_rows)
-from sipo_plugin.models import get_model_adapter
 from sipo_plugin.objectives import get_objective
 from sipo_plugin.training.config import ConfigError
 from sipo_plugin.training.loop import (PairDraws, lora_state, make_dataloader, seeded_generator,
                                        train, train_step)
-from test_training import make_rendered_pairs, short_run
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, text):
-        self.lines.append(text)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
-
-
-def load_adapter(config):
-    return get_model_adapter("sd15").load(config.model, device=torch.device("cpu"))
+from test_training import Log, load_adapter, short_run
 
 
 def test_latent_cache_holds_the_seeded_posterior_sample_and_is_reused_on_disk(manifest, tmp_path):
@@ -158,7 +139,7 @@ def test_sdxl_cached_batches_keep_the_size_ids_and_train_full_with_a_cached_refe
     model_dir = save_tiny_sdxl(tmp_path / "model")
     config = load_config_sdxl(model_dir, make_pairs(tmp_path / "pairs"), tmp_path / "run")
     records = read_pairs(config.data.train_data)
-    adapter = get_model_adapter("sdxl").load(config.model, device=torch.device("cpu"))
+    adapter = load_adapter(config)
     cache = build_data_cache(config, adapter, records, make_dataloader(config, records, total=1),
                              tmp_path, Log())
     live = next(iter(make_dataloader(config, records, total=1)))

@@ -45,14 +45,7 @@ PROMPTS = ["a photo of a red cat", "the blue dog"]
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one intra-op thread is faster, and 200x faster when another process
-    keeps the second core busy (measured: 2 s vs 0.01 s per prediction)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def add_lora(model: torch.nn.Module, targets, seed: int, **config) -> torch.nn.Module:

@@ -3,26 +3,19 @@ diffusers folder that loads back with the trained weights; checkpoints resume ex
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sipo_plugin.models import get_model_adapter
 from sipo_plugin.training.config import ConfigError
 from sipo_plugin.training.loop import lora_state, train
 from sipo_plugin.training.run import export
-from test_training import make_rendered_pairs, short_run
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
+from test_training import load_adapter, short_run
 
 
 def base_unet_state(config) -> dict:
-    adapter = get_model_adapter("sd15").load(config.model, device=torch.device("cpu"))
+    adapter = load_adapter(config)
     return {k: v.clone() for k, v in adapter.unet.state_dict().items()}
 
 

@@ -9,12 +9,7 @@ from sipo_plugin.training import memory
 from sipo_plugin.training.config import ConfigError, TrainingConfig, load_config
 from sipo_plugin.training.loop import train
 
-from test_training import lora_weights, make_rendered_pairs, short_run
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
+from test_training import lora_weights, short_run
 
 
 def params():

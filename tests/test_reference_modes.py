@@ -2,32 +2,17 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from sipo_plugin.data.cache import batch_conditioning, batch_latents
-from sipo_plugin.models import get_model_adapter
 from sipo_plugin.objectives import get_objective, per_sample_error
 from sipo_plugin.training.config import ConfigError, load_config
 from sipo_plugin.training.loop import lora_state, prepare_caches, train
 from sipo_plugin.training.reference import (REFERENCE_FILE, AdapterOffReference,
                                             FrozenCopyReference, draw_index, pair_generators)
-from test_training import make_rendered_pairs, short_run
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, text):
-        self.lines.append(text)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
+from test_training import Log, load_adapter, short_run
 
 
 def perturb_lora(adapter, seed=0):
@@ -36,10 +21,6 @@ def perturb_lora(adapter, seed=0):
     for name, p in adapter.unet.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.1
-
-
-def load_adapter(config):
-    return get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"))
 
 
 def test_frozen_copy_equals_the_adapter_off_reference(manifest, tmp_path):

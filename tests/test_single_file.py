@@ -34,12 +34,7 @@ def _plain_config(config) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sipo_plugin.models import get_model_adapter
 from sipo_plugin.objectives import available_objectives
 from sipo_plugin.toy.domain import all_prompts, render_prompt
 from sipo_plugin.training.config import load_config
@@ -36,16 +37,26 @@ def make_rendered_pairs(folder: Path, n_pairs: int = 8, seed: int = 0) -> Path:
     return manifest
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
-
-
 def short_run(manifest: Path, output_dir: Path, *extra: str):
     return load_config(None, ["--train_data", str(manifest), "--resolution", "32",
                               "--output_dir", str(output_dir), "--max_train_steps", "3",
                               "--train_batch_size", "2", "--learning_rate", "1e-3",
                               "--calibration_batches", "2", "--logging_steps", "1", *extra])
+
+
+class Log:
+    """Records the lines a training step logs (the ``log.info`` of MetricsLogger)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+
+def load_adapter(config):
+    """The adapter of ``config``'s model family, loaded on the CPU."""
+    return get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"))
 
 
 def lora_weights(adapter) -> dict:

@@ -16,21 +16,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import (seeded_eval_modules, tiny_clip_config, tiny_clip_tokenizer, tiny_sd15_unet,
+                         tiny_sd15_vae)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 TE1_WIDTH, TE2_WIDTH, POOLED_DIM, TIME_EMBED_DIM = 32, 48, 16, 8
 
 
 def tiny_sdxl_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+    return tiny_sd15_unet(
         layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
@@ -38,30 +33,15 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
         addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
         cross_attention_dim=TE1_WIDTH + TE2_WIDTH,
-        norm_num_groups=32,
     )
 
 
 def tiny_sdxl_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=16,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    return tiny_sd15_vae(scaling_factor=0.13025, force_upcast=True)
 
 
 def _clip_config(tokenizer, width: int, **extra) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        layer_norm_eps=1e-5, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    return tiny_clip_config(tokenizer, width, num_hidden_layers=3, hidden_act="gelu", **extra)
 
 
 def tiny_sdxl_scheduler() -> EulerDiscreteScheduler:
@@ -74,18 +54,11 @@ def tiny_sdxl_scheduler() -> EulerDiscreteScheduler:
 def tiny_sdxl_components(seed: int = 0) -> dict:
     """The StableDiffusionXLPipeline components; eval mode, fp32, fixed by `seed`."""
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = tiny_sdxl_unet()
-        torch.manual_seed(seed + 1)
-        vae = tiny_sdxl_vae()
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, TE1_WIDTH))
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(
-            _clip_config(tokenizer_2, TE2_WIDTH, projection_dim=POOLED_DIM))
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval()
+    unet, vae, text_encoder, text_encoder_2 = seeded_eval_modules(
+        seed, tiny_sdxl_unet, tiny_sdxl_vae,
+        lambda: CLIPTextModel(_clip_config(tokenizer, TE1_WIDTH)),
+        lambda: CLIPTextModelWithProjection(
+            _clip_config(tokenizer_2, TE2_WIDTH, projection_dim=POOLED_DIM)))
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
             "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": tiny_sdxl_scheduler()}
 

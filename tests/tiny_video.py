@@ -14,15 +14,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
                        CogVideoXTransformer3DModel)
 from PIL import Image
 from transformers import T5Config, T5EncoderModel
 
-from tiny_wan import tiny_t5_tokenizer
+from tiny_models import fixed_rng
+from tiny_wan import T5_ENCODER_CONFIG, TEXT_DIM, tiny_t5_tokenizer
 
-TEXT_DIM = 32
 LATENT_CHANNELS = 4
 TEXT_LENGTH = 16  # the real models: 226
 # THUDM/CogVideoX-2b scheduler/scheduler_config.json
@@ -34,9 +33,7 @@ COGVIDEOX_2B_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule=
 
 
 def tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=1,
-                      num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
-                      pad_token_id=0, eos_token_id=1)
+    config = T5Config(vocab_size=vocab_size, num_layers=1, **T5_ENCODER_CONFIG)
     return T5EncoderModel(config).eval()
 
 
@@ -61,16 +58,12 @@ def tiny_cogvideox_vae() -> AutoencoderKLCogVideoX:
 
 def tiny_cogvideox_components(seed: int = 0, **transformer_overrides) -> dict:
     """Weights depend only on `seed`; the caller's global RNG state is left untouched."""
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    with fixed_rng(seed):
         tokenizer = tiny_t5_tokenizer()
         return {"tokenizer": tokenizer, "text_encoder": tiny_t5_encoder(len(tokenizer)),
                 "vae": tiny_cogvideox_vae(),
                 "transformer": tiny_cogvideox_transformer(**transformer_overrides),
                 "scheduler": CogVideoXDDIMScheduler(**COGVIDEOX_2B_SCHEDULER)}
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def save_tiny_cogvideox(folder: str | Path, seed: int = 0, **transformer_overrides) -> Path:

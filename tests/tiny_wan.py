@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from tiny_models import fixed_rng
+
 TEXT_DIM = 32
 LATENT_CHANNELS = 4
+# the tiny T5-family text encoders (Wan's UMT5, CogVideoX's T5) but for their depth
+T5_ENCODER_CONFIG = dict(d_model=TEXT_DIM, d_kv=8, d_ff=37, num_heads=4,
+                         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                         eos_token_id=1)
 # per-channel statistics different from (0, 1), so that normalization is visible in tests
 LATENTS_MEAN = [0.1, -0.2, 0.3, -0.4]
 LATENTS_STD = [1.5, 0.5, 2.0, 0.8]
@@ -33,9 +38,7 @@ def tiny_t5_tokenizer() -> T5Tokenizer:
 
 
 def tiny_umt5_encoder(vocab_size: int) -> UMT5EncoderModel:
-    config = UMT5Config(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2,
-                        num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
-                        pad_token_id=0, eos_token_id=1)
+    config = UMT5Config(vocab_size=vocab_size, num_layers=2, **T5_ENCODER_CONFIG)
     return UMT5EncoderModel(config).eval()
 
 
@@ -61,15 +64,11 @@ def tiny_wan_scheduler() -> UniPCMultistepScheduler:
 
 
 def tiny_wan_components(seed: int = 0, **transformer_overrides) -> dict:
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    with fixed_rng(seed):
         tokenizer = tiny_t5_tokenizer()
         return {"tokenizer": tokenizer, "text_encoder": tiny_umt5_encoder(len(tokenizer)),
                 "vae": tiny_wan_vae(), "transformer": tiny_wan_transformer(**transformer_overrides),
                 "scheduler": tiny_wan_scheduler()}
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def tiny_wan_pipeline(seed: int = 0, **transformer_overrides) -> WanPipeline:

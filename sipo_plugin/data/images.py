@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_T = TypeVar("_T")
 
 
 def _size_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
@@ -35,6 +36,18 @@ def _decode_error(where: str, err: Exception) -> PairDataError:
     )
 
 
+def _read_image(source: str | Path | bytes, where: str, read: Callable[[Image.Image], _T]) -> _T:
+    """``read`` of the image in ``source`` (a file, or encoded bytes); PairDataError naming
+    ``where`` if the file is missing or does not decode."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return read(img)
+    except FileNotFoundError as err:
+        raise PairDataError(f"{where}: image not found") from err
+    except _DECODE_ERRORS as err:
+        raise _decode_error(where, err) from err
+
+
 def _load_rgb(img: Image.Image) -> Image.Image:
     img.load()
     return ImageOps.exif_transpose(img).convert("RGB")
@@ -42,23 +55,12 @@ def _load_rgb(img: Image.Image) -> Image.Image:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode `path` fully as RGB (EXIF rotation applied); PairDataError naming the file if not."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            return _load_rgb(img)
-    except FileNotFoundError as err:
-        raise PairDataError(f"{path}: image not found") from err
-    except _DECODE_ERRORS as err:
-        raise _decode_error(str(path), err) from err
+    return _read_image(path, str(Path(path)), _load_rgb)
 
 
 def decode_rgb(data: bytes, where: str) -> Image.Image:
     """Encoded image bytes -> RGB (EXIF rotation applied); PairDataError naming `where` if not."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return _load_rgb(img)
-    except _DECODE_ERRORS as err:
-        raise _decode_error(where, err) from err
+    return _read_image(data, where, _load_rgb)
 
 
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
@@ -71,23 +73,12 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image file, read from its header only."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            return _oriented_size(img)
-    except FileNotFoundError as err:
-        raise PairDataError(f"{path}: image not found") from err
-    except _DECODE_ERRORS as err:
-        raise _decode_error(str(path), err) from err
+    return _read_image(path, str(Path(path)), _oriented_size)
 
 
 def image_size_from_bytes(data: bytes, where: str) -> tuple[int, int]:
     """(width, height) of encoded image bytes, read from the header only."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return _oriented_size(img)
-    except _DECODE_ERRORS as err:
-        raise _decode_error(where, err) from err
+    return _read_image(data, where, _oriented_size)
 
 
 class Fitted(NamedTuple):

@@ -20,7 +20,6 @@ text_encoder/, transformer/, vae/, scheduler/), e.g. THUDM/CogVideoX-2b or CogVi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -28,25 +27,16 @@ from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoX
                        CogVideoXTransformer3DModel)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-from peft import LoraConfig
 from transformers import T5EncoderModel, T5Tokenizer
 
-from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
-
-logger = logging.getLogger(__name__)
-
-BASE_WEIGHT_DTYPES = {"": None, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
-_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+from .base import Conditioning, Generators, NoisyBatch, register_model_family
+from .video_base import VideoTransformerAdapter, pipeline_folder, safetensors_file
 
 
 def load_cogvideox_components(name_or_path: str, dtype: torch.dtype = torch.float32) -> dict:
     """Tokenizer, T5 encoder, transformer, VAE and the v-prediction training scheduler, all local
     (T5 and transformer loaded in ``dtype``: no fp32 copy of the 5b model in memory)."""
-    path = Path(name_or_path)
-    missing = [c for c in _COMPONENTS if not (path / c).is_dir()]
-    if not (path / "model_index.json").is_file() or missing:
-        raise ValueError(f"{path}: not a CogVideoX diffusers folder (needs model_index.json and "
-                         f"{', '.join(_COMPONENTS)}; missing {', '.join(missing) or 'model_index.json'})")
+    path = pipeline_folder(name_or_path, "CogVideoX")
     return {
         "tokenizer": T5Tokenizer.from_pretrained(path, subfolder="tokenizer"),
         "text_encoder": T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
@@ -81,104 +71,29 @@ def rotary_embeddings(transformer_config, latent_frames: int, latent_height: int
 
 
 @register_model_family("cogvideox")
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(VideoTransformerAdapter):
     """CogVideoX T2V: v-prediction transformer on video latents with SNR shift, T5 text."""
 
     base_model_version = "cogvideox"
     modelspec_architecture = "cogvideox/lora"
     lora_formats = ("diffusers",)  # keys transformer.<path>.lora_A.weight (CogVideoXPipeline loads)
-    is_video = True
-    video_size_multiple = 16  # VAE 8x spatial compression x transformer patch 2
     sample_num_frames = 9  # short sample clips (3 latent frames)
-    denoiser_name = "transformer"
-    frozen_encoder_names = ("text_encoder",)
+    display_name = "CogVideoX"
+    text_encoder_kind = "T5"
+    load_components = staticmethod(load_cogvideox_components)
 
-    def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype,
-                 base_weights_dtype: str = "", group_offload: bool = False,
-                 vae_tiling: bool = False, vae_slicing: bool = False):
-        self.tokenizer = components["tokenizer"]
-        self.text_encoder = components["text_encoder"]
-        self.vae = components["vae"]
-        self.transformer = components["transformer"]
-        self.noise_scheduler = components["scheduler"]
-        self.device = torch.device(device)
-        self.compute_dtype = weight_dtype
-        for module in (self.text_encoder, self.vae, self.transformer):
-            module.requires_grad_(False)
-        if self.device.type != "cpu":  # the VAE stays fp32 on the CPU
-            self.vae.to(dtype=weight_dtype)  # CogVideoX's VAE runs in fp16/bf16 in its pipelines
-        self.vae.to(self.device)
-        if vae_tiling:
-            self.vae.enable_tiling()
-        if vae_slicing:
-            self.vae.enable_slicing()
-        # cast (and store in fp8) before moving: the device never holds the wider copy
-        if self.transformer.dtype != weight_dtype:
-            self.transformer.to(dtype=weight_dtype)
-        storage = BASE_WEIGHT_DTYPES[base_weights_dtype]
-        if storage is not None and storage != weight_dtype:
-            # frozen base weights stored in `storage`, cast per layer to the compute dtype; applied
-            # before the LoRA is injected so the (fp32) LoRA weights are never cast
-            self.transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=weight_dtype)
-        self.transformer.to(self.device)
-        if self.text_encoder.dtype != weight_dtype:
-            self.text_encoder.to(dtype=weight_dtype)
-        self._place_text_encoder(group_offload)
-
-    def _place_text_encoder(self, group_offload: bool) -> None:
-        """The frozen T5 (4.7B parameters in the real models) on the device, or, with group
-        offloading on CUDA, in CPU memory with each layer moved to the GPU for its forward. The
-        transformer is not offloaded: it carries the trained LoRA, whose weights and optimizer
-        state must stay on the GPU."""
-        if group_offload and self.device.type == "cuda":
-            self.text_encoder.to("cpu")
-            from diffusers.hooks import apply_group_offloading
-            apply_group_offloading(self.text_encoder, onload_device=self.device,
-                                   offload_device=torch.device("cpu"), offload_type="leaf_level",
-                                   use_stream=True)
-            return
-        if group_offload:
-            logger.warning("group_offload needs a CUDA device; ignored on %s", self.device.type)
-        self.text_encoder.to(self.device)
-
-    @classmethod
-    def load(cls, model_cfg, *, device: torch.device, weight_dtype: torch.dtype = torch.float32):
-        components = load_cogvideox_components(model_cfg.pretrained_model_name_or_path, weight_dtype)
-        return cls(components, device=device, weight_dtype=weight_dtype,
-                   base_weights_dtype=getattr(model_cfg, "base_weights_dtype", ""),
-                   group_offload=getattr(model_cfg, "group_offload", False),
-                   vae_tiling=getattr(model_cfg, "vae_tiling", False),
-                   vae_slicing=getattr(model_cfg, "vae_slicing", False))
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        """Family-specific settings, checked before anything loads (ValueError, one line)."""
-        if config.network.train_text_encoder:
-            raise ValueError("train_text_encoder is not supported for CogVideoX (the T5 encoder "
-                             "stays frozen); set it to false")
+    def cast_frozen_weights(self, weight_dtype: torch.dtype) -> None:
+        """Transformer and T5 in the compute dtype; the VAE too off the CPU (CogVideoX's VAE runs
+        in fp16/bf16 in its pipelines; it stays fp32 on the CPU)."""
+        if self.device.type != "cpu":
+            self.vae.to(dtype=weight_dtype)
+        for module in (self.transformer, self.text_encoder):
+            if module.dtype != weight_dtype:
+                module.to(dtype=weight_dtype)
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each transformer block in the backward pass instead of storing activations."""
-        self.transformer.enable_gradient_checkpointing()
-
-    def add_lora(self, network) -> list[torch.nn.Parameter]:
-        config = LoraConfig(r=network.network_dim, lora_alpha=network.network_alpha,
-                            init_lora_weights=True, target_modules=list(network.network_target_modules))
-        self.transformer.add_adapter(config)
-        params = [p for p in self.transformer.parameters() if p.requires_grad]
-        for p in params:  # LoRA weights train in fp32 on the device, whatever the base storage
-            p.data = p.data.to(self.device, torch.float32)
-        return params
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.transformer]
-
-    def set_adapters_enabled(self, enabled: bool) -> None:
-        self.transformer.enable_adapters() if enabled else self.transformer.disable_adapters()
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -263,7 +178,4 @@ def export_cogvideox_lora(path, transformer: torch.nn.Module, *, network_alpha: 
     tensors = peft_to_diffusers(state, prefix="transformer", alpha=check_alphas(alphas, network_alpha))
     ranks = Counter(pair.rank for pair in split_peft_state_dict(state).values())
     meta = {"format": "pt", **_base_metadata(ranks, network_alpha), **stringify_metadata(metadata)}
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_name(path.name + ".safetensors")
-    return save_safetensors_atomic(tensors, path, meta)
+    return save_safetensors_atomic(tensors, safetensors_file(path), meta)

@@ -72,6 +72,8 @@ class SD15Adapter(ModelAdapter):
 
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)  # each gets the LoRA when trained
+    load_components = staticmethod(load_sd15_components)  # (name_or_path, model_config) -> dict
 
     def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype):
         self.tokenizer = components["tokenizer"]
@@ -90,7 +92,8 @@ class SD15Adapter(ModelAdapter):
 
     @classmethod
     def load(cls, model_cfg, *, device: torch.device, weight_dtype: torch.dtype = torch.float32):
-        components = load_sd15_components(model_cfg.pretrained_model_name_or_path, model_cfg.model_config)
+        components = cls.load_components(model_cfg.pretrained_model_name_or_path,
+                                         model_cfg.model_config)
         return cls(components, device=device, weight_dtype=weight_dtype)
 
     @property
@@ -106,11 +109,11 @@ class SD15Adapter(ModelAdapter):
                                  init_lora_weights=True,
                                  target_modules=list(network.network_target_modules))
         self.unet.add_adapter(unet_config)
-        if network.train_text_encoder:
-            te_config = LoraConfig(r=network.network_dim, lora_alpha=network.network_alpha,
-                                   init_lora_weights=True,
-                                   target_modules=list(network.text_encoder_target_modules))
-            self.text_encoder.add_adapter(te_config)
+        if network.train_text_encoder:  # LoRA on every text encoder, with the same settings
+            for name in self.text_encoder_names:
+                getattr(self, name).add_adapter(LoraConfig(
+                    r=network.network_dim, lora_alpha=network.network_alpha, init_lora_weights=True,
+                    target_modules=list(network.text_encoder_target_modules)))
             self._train_text_encoder = True
         params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
         for p in params:  # LoRA weights train in fp32 even when the base is fp16/bf16
@@ -118,7 +121,9 @@ class SD15Adapter(ModelAdapter):
         return params
 
     def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.unet, self.text_encoder] if self._train_text_encoder else [self.unet]
+        if not self._train_text_encoder:
+            return [self.unet]
+        return [self.unet, *(getattr(self, name) for name in self.text_encoder_names)]
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.trainable_modules():

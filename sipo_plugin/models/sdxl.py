@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import Conditioning, register_model_family
@@ -63,6 +62,8 @@ class SDXLAdapter(SD15Adapter):
 
     base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    load_components = staticmethod(load_sdxl_components)
 
     def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype):
         self.tokenizer_2 = components["tokenizer_2"]
@@ -72,30 +73,9 @@ class SDXLAdapter(SD15Adapter):
         # the VAE stays fp32 (SD15Adapter): SDXL's VAE overflows in fp16
         self.text_encoder_2.to(device, dtype=self.text_encoder.dtype)
 
-    @classmethod
-    def load(cls, model_cfg, *, device: torch.device, weight_dtype: torch.dtype = torch.float32):
-        components = load_sdxl_components(model_cfg.pretrained_model_name_or_path, model_cfg.model_config)
-        return cls(components, device=device, weight_dtype=weight_dtype)
-
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def add_lora(self, network) -> list[torch.nn.Parameter]:
-        params = super().add_lora(network)
-        if self._train_text_encoder:  # LoRA on both text encoders, with the same settings
-            self.text_encoder_2.add_adapter(LoraConfig(
-                r=network.network_dim, lora_alpha=network.network_alpha, init_lora_weights=True,
-                target_modules=list(network.text_encoder_target_modules)))
-            added = [p for p in self.text_encoder_2.parameters() if p.requires_grad]
-            for p in added:
-                p.data = p.data.float()
-            params = params + added
-        return params
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        modules = super().trainable_modules()
-        return [*modules, self.text_encoder_2] if self._train_text_encoder else modules
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Penultimate hidden states of both encoders, concatenated on the feature axis, and the

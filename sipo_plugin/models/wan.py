@@ -21,24 +21,19 @@ text_encoder/, transformer/, vae/, scheduler/), e.g. Wan-AI/Wan2.1-T2V-1.3B-Diff
 from __future__ import annotations
 
 import json
-import logging
-from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
                        WanTransformer3DModel)
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.schedulers import UniPCMultistepScheduler
-from peft import LoraConfig
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, per_pair, register_model_family
-
-logger = logging.getLogger(__name__)
+from .base import Conditioning, Generators, NoisyBatch, per_pair, register_model_family
+from .video_base import (VideoTransformerAdapter, offload_text_encoder,  # noqa: F401  (re-exported)
+                         pipeline_folder, safetensors_file)
 
 WAN_TEXT_LENGTH = 512  # WanPipeline's default max_sequence_length (the original Wan text_len)
-BASE_WEIGHT_DTYPES = {"": None, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
-_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 
 
 def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -75,29 +70,11 @@ def read_flow_shift(scheduler_config: dict) -> float:
     return 1.0
 
 
-def offload_text_encoder(text_encoder: torch.nn.Module, device: torch.device, *,
-                         use_stream: bool) -> None:
-    """diffusers group offloading of the frozen UMT5 encoder, leaf by leaf: its weights stay in CPU
-    memory and each layer comes to ``device`` for its forward (prefetched on a CUDA stream).
-
-    Only modules that run without gradients are offloaded: diffusers' hooks move a block's weights
-    back to the CPU right after its forward, which breaks the backward pass of the trained
-    transformer ("Expected all tensors to be on the same device", bghira/SimpleTuner#1975).
-    """
-    from diffusers.hooks import apply_group_offloading
-    apply_group_offloading(text_encoder, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="leaf_level", use_stream=use_stream)
-
-
 def load_wan_components(name_or_path: str, weight_dtype: torch.dtype = torch.float32) -> dict:
     """Tokenizer, UMT5 encoder and transformer (in ``weight_dtype``; diffusers keeps the
     precision-critical transformer modules in fp32), fp32 VAE and the folder's (sampling)
     scheduler plus the flow-matching training scheduler, all local."""
-    path = Path(name_or_path)
-    missing = [c for c in _COMPONENTS if not (path / c).is_dir()]
-    if not (path / "model_index.json").is_file() or missing:
-        raise ValueError(f"{path}: not a Wan diffusers folder (needs model_index.json and "
-                         f"{', '.join(_COMPONENTS)}; missing {', '.join(missing) or 'model_index.json'})")
+    path = pipeline_folder(name_or_path, "Wan")
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     sampling_cls = (FlowMatchEulerDiscreteScheduler
                     if scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
@@ -116,95 +93,37 @@ def load_wan_components(name_or_path: str, weight_dtype: torch.dtype = torch.flo
 
 
 @register_model_family("wan")
-class WanAdapter(ModelAdapter):
+class WanAdapter(VideoTransformerAdapter):
     """Wan2.1 T2V: rectified-flow transformer on normalized video latents, UMT5 text."""
 
     base_model_version = "wan2.1"
     modelspec_architecture = "wan2.1/lora"  # musubi-tuner's sai_model_spec ARCH_WAN + "/lora"
     prediction_type = "flow"
     lora_formats = ("wan", "musubi")  # [export] lora_format; "kohya" is refused at config time
-    is_video = True
-    video_size_multiple = 16  # VAE 8x spatial compression x transformer patch 2
-    denoiser_name = "transformer"
-    frozen_encoder_names = ("text_encoder",)
+    display_name = "Wan"
+    text_encoder_kind = "UMT5"
+    group_offload_note = ("group_offload: the UMT5 text encoder runs leaf by leaf from CPU memory; "
+                          "the trained transformer stays on the GPU (use base_weights_dtype and "
+                          "gradient_checkpointing for it)")
+    # transformer and UMT5 load in the compute dtype (diffusers and transformers keep their
+    # precision-critical modules in fp32); the VAE stays fp32, WanPipeline's documented precision
+    load_components = staticmethod(load_wan_components)
 
-    def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype,
-                 base_weights_dtype: str = "", group_offload: bool = False,
-                 vae_tiling: bool = False, vae_slicing: bool = False):
-        self.tokenizer = components["tokenizer"]
-        self.text_encoder = components["text_encoder"]
-        self.vae = components["vae"]
-        self.transformer = components["transformer"]
-        self.noise_scheduler = components["scheduler"]
+    def __init__(self, components: dict, **options):
+        super().__init__(components, **options)
         self.sampling_scheduler = components.get("sampling_scheduler", self.noise_scheduler)
-        self.device = torch.device(device)
-        self.compute_dtype = weight_dtype
         self.flow_shift = float(self.noise_scheduler.config.shift)
-        for module in (self.text_encoder, self.vae, self.transformer):
-            module.requires_grad_(False)
-        self.group_offloaded = group_offload and self.device.type == "cuda"
-        if self.group_offloaded:
-            offload_text_encoder(self.text_encoder, self.device, use_stream=True)
-            logger.warning("group_offload: the UMT5 text encoder runs leaf by leaf from CPU memory; "
-                           "the trained transformer stays on the GPU (use base_weights_dtype and "
-                           "gradient_checkpointing for it)")
-        else:
-            if group_offload:
-                logger.warning("group_offload needs a CUDA device; ignored on %s", self.device.type)
-            self.text_encoder.to(self.device)
-        self.vae.to(self.device)  # fp32: WanPipeline's documented VAE precision
-        if vae_tiling:
-            self.vae.enable_tiling()
-        if vae_slicing:
-            self.vae.enable_slicing()
-        storage = BASE_WEIGHT_DTYPES[base_weights_dtype]
-        if storage is not None and storage != weight_dtype:
-            # frozen base weights stored in `storage`, cast per layer to the compute dtype; applied
-            # before the LoRA is injected so the (fp32) LoRA weights are never cast
-            self.transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=weight_dtype)
-        self.transformer.to(self.device)
-
-    @classmethod
-    def load(cls, model_cfg, *, device: torch.device, weight_dtype: torch.dtype = torch.float32):
-        components = load_wan_components(model_cfg.pretrained_model_name_or_path, weight_dtype)
-        return cls(components, device=device, weight_dtype=weight_dtype,
-                   base_weights_dtype=getattr(model_cfg, "base_weights_dtype", ""),
-                   group_offload=getattr(model_cfg, "group_offload", False),
-                   vae_tiling=getattr(model_cfg, "vae_tiling", False),
-                   vae_slicing=getattr(model_cfg, "vae_slicing", False))
 
     @classmethod
     def check_config(cls, config) -> None:
         """Family-specific settings, checked before anything loads (ValueError, one line)."""
         from ..export.wan import check_musubi_targets
-        if config.network.train_text_encoder:
-            raise ValueError("train_text_encoder is not supported for Wan (the UMT5 encoder stays "
-                             "frozen); set it to false")
+        super().check_config(config)
         if getattr(config.network, "finetune", "lora") == "full" and config.model.base_weights_dtype:
             raise ValueError("base_weights_dtype stores the frozen base weights in low precision, but "
                              "finetune = \"full\" trains them; set base_weights_dtype = \"\"")
         if config.export.lora_format == "musubi":
             check_musubi_targets(config.network.network_target_modules)
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each transformer block in the backward pass instead of storing activations
-        (the loop does this for [training] gradient_checkpointing via trainable_modules())."""
-        self.transformer.enable_gradient_checkpointing()
-
-    def add_lora(self, network) -> list[torch.nn.Parameter]:
-        config = LoraConfig(r=network.network_dim, lora_alpha=network.network_alpha,
-                            init_lora_weights=True, target_modules=list(network.network_target_modules))
-        self.transformer.add_adapter(config)
-        params = [p for p in self.transformer.parameters() if p.requires_grad]
-        for p in params:  # LoRA weights train in fp32 on the device, whatever the base storage
-            p.data = p.data.to(self.device, torch.float32)
-        return params
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.transformer]
-
-    def set_adapters_enabled(self, enabled: bool) -> None:
-        self.transformer.enable_adapters() if enabled else self.transformer.disable_adapters()
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -272,8 +191,5 @@ class WanAdapter(ModelAdapter):
         if lora_format not in self.lora_formats:
             raise ValueError(f"lora_format '{lora_format}' is not a Wan LoRA format; use 'wan' or "
                              "'musubi'")
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
-        return export_wan_lora(path, transformer=self.transformer, network_alpha=network_alpha,
-                               format=lora_format, metadata=metadata)
+        return export_wan_lora(safetensors_file(path), transformer=self.transformer,
+                               network_alpha=network_alpha, format=lora_format, metadata=metadata)

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..data import PairBatchSampler, PairDataset, collate_pairs, read_pairs
+from ..data import PairBatchSampler, collate_pairs, read_pairs
 from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, get_objective, per_sample_error
