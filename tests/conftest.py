@@ -1,25 +1,22 @@
 """Fixtures shared by several test files (pytest finds them here; no import needed)."""
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models: one intra-op thread is faster, and 50-200x faster when another process keeps the
+# second core busy (measured: tests/test_training.py 260 s with 2 threads vs 7 s with 1 while a
+# benchmark ran). For the whole session, and for the processes the tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from test_training import make_rendered_pairs
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from test_training import make_rendered_pairs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
     """Toy pairs rendered once per test file (tests/test_training.py: make_rendered_pairs)."""
     return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Tiny models: one intra-op thread is faster, and 200x faster when another process
-    keeps the second core busy (measured: 2 s vs 0.01 s per prediction). A test file opts in with
-    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -45,7 +45,6 @@ PROMPTS = ["a photo of a red cat", "the blue dog"]
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def add_lora(model: torch.nn.Module, targets, seed: int, **config) -> torch.nn.Module:

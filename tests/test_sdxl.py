@@ -53,7 +53,6 @@ SDXL_BASE_UNET = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

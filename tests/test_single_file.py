@@ -34,11 +34,10 @@ def _plain_config(config) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def single_file(tmp_path_factory, single_thread):
+def single_file(tmp_path_factory):
     """(original pipeline, LDM checkpoint dict, checkpoint path, diffusers folder, loaded components)."""
     tmp_path = tmp_path_factory.mktemp("single_file")
     pipe = tiny_sd15_pipeline(SEED)
