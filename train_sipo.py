@@ -4,6 +4,7 @@
     python train_sipo.py --preset presets/demo.toml [--key value ...]
     python train_sipo.py --list-objectives
     python train_sipo.py --preset P --check      # validate the preset and overrides, then stop
+    python train_sipo.py --preset P --analyze    # importance weights, mask, gradient per timestep
 
 Any preset key can be overridden: --learning_rate 5e-5, --training.max_train_steps 200,
 --objective dpo-cm, --beta 2500 (an objective hyper-parameter).
@@ -28,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print every registered objective with a one-line description")
     parser.add_argument("--check", action="store_true",
                         help="validate the preset and overrides, print the resolved config, stop")
+    parser.add_argument("--analyze", action="store_true",
+                        help="instead of training: per timestep bucket, the importance weights, "
+                        "the masked fraction and each objective's per-pair gradient norm "
+                        "(<output_dir>/analysis/); with --resume, of a checkpoint's LoRA")
+    parser.add_argument("--analysis-pairs", type=int, default=64, help="pairs analysed (--analyze)")
+    parser.add_argument("--analysis-buckets", type=int, default=10,
+                        help="timestep buckets over the schedule (--analyze)")
+    parser.add_argument("--analysis-grad-pairs", type=int, default=16,
+                        help="of those, pairs whose per-pair gradient norm is measured (--analyze)")
     return parser
 
 
@@ -52,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from sipo_plugin.data import PairDataError
     from sipo_plugin.training.loop import NonFiniteLossError
     try:
+        if args.analyze:
+            from sipo_plugin.analysis import run_analysis
+            run_analysis(config, n_pairs=args.analysis_pairs, n_buckets=args.analysis_buckets,
+                         grad_pairs=args.analysis_grad_pairs)
+            return 0
         run(config)
     except (PairDataError, NonFiniteLossError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
