@@ -27,13 +27,16 @@ def base_preset(manifest) -> str:
     return f'[data]\ntrain_data = "{manifest}"\n[model]\npretrained_model_name_or_path = "toy"\n'
 
 
-def test_every_bundled_preset_validates():
+def test_every_bundled_preset_validates(manifest):
     presets = sorted((ROOT / "presets").glob("*.toml"))
-    assert presets, "no presets found"
+    assert len(presets) >= 10, "presets missing"
     for preset in presets:
-        if "toy" in preset.read_text() or "demo" in preset.name:
-            config = load_config(preset)
-            assert config.source == str(preset)
+        # the real-model presets carry placeholder paths: any existing path passes validation
+        placeholders = "/path/to/" in preset.read_text()
+        overrides = ["--pretrained_model_name_or_path", str(ROOT), "--train_data",
+                     str(manifest)] if placeholders else []
+        config = load_config(preset, overrides)
+        assert config.source == str(preset)
 
 
 def test_unknown_key_suggests_the_closest(tmp_path, manifest):
