@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from timing import peak_rss_mb, timed_train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -93,18 +93,6 @@ def run_one(name: str, args) -> dict:
     from sipo_plugin.training import loop
     from sipo_plugin.training.config import ConfigError, load_config
 
-    times: list[float] = []
-    cpu_times: list[float] = []  # this process's CPU time: robust to other jobs on the machine
-    original = loop.train_step
-
-    def timed_step(*a, **k):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = original(*a, **k)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-        return out
-
-    loop.train_step = timed_step
     work = CACHE / "low_vram_runs" / str(list(CONFIGURATIONS).index(name))
     manifest = make_rendered_pairs(CACHE / "pairs", n_pairs=16)
     try:
@@ -116,12 +104,13 @@ def run_one(name: str, args) -> dict:
             "--logging_steps", str(args.steps), *CONFIGURATIONS[name]])
     except ConfigError as err:
         return {"name": name, "skipped": str(err)}
-    result = loop.train(config)
+    with timed_train_steps() as times:
+        result = loop.train(config)
     trained = sum(p.numel() for m in result.adapter.trainable_modules()
                   for p in m.parameters() if p.requires_grad)
-    return {"name": name, "step_s": statistics.median(times[2:]),
-            "step_cpu_s": statistics.median(cpu_times[2:]), "trained_params": trained,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"name": name, "step_s": statistics.median(times.wall[2:]),
+            "step_cpu_s": statistics.median(times.cpu[2:]), "trained_params": trained,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:

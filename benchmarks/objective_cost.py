@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timing import peak_rss_mb, timed_train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "diffusion-dpo / lora / auto"
@@ -70,18 +71,6 @@ def one(label: str, model: str, steps: int, batch: int, threads: int) -> dict:
     from sipo_plugin.training import loop
     from sipo_plugin.training.config import load_config
 
-    wall: list[float] = []
-    cpu: list[float] = []
-    original = loop.train_step
-
-    def timed_step(*args, **kwargs):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        out = original(*args, **kwargs)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-        return out
-
-    loop.train_step = timed_step
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_rendered_pairs(Path(tmp) / "pairs", n_pairs=32)
         config = load_config(None, [
@@ -89,12 +78,13 @@ def one(label: str, model: str, steps: int, batch: int, threads: int) -> dict:
             "--output_dir", str(Path(tmp) / "out"), "--resolution", "32",
             "--learning_rate", "1e-4", "--max_train_steps", str(steps),
             "--train_batch_size", str(batch), "--logging_steps", str(steps), *CONFIGS[label]])
-        result = loop.train(config)
+        with timed_train_steps() as times:
+            result = loop.train(config)
         params = sum(p.numel() for m in result.adapter.trainable_modules()
                      for p in m.parameters() if p.requires_grad)
-    return {"config": label, "step_s": statistics.median(wall[5:]),
-            "step_cpu_s": statistics.median(cpu[5:]), "trainable_params": params,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"config": label, "step_s": statistics.median(times.wall[5:]),
+            "step_cpu_s": statistics.median(times.cpu[5:]), "trainable_params": params,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure(models: dict[str, str], args) -> list[dict]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import peak_rss_mb, timed_train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -41,22 +41,11 @@ def one(size: str, steps: int, threads: int) -> dict:
     from tiny_video import write_video_pairs
     from tiny_wan import save_tiny_wan
 
-    from sipo_plugin.training import loop
     from sipo_plugin.training.config import load_config
     from sipo_plugin.training.run import run
 
     spec = SIZES[size]
     frames, height, width = spec["clip"]
-    times: list[float] = []
-    original = loop.train_step
-
-    def timed_step(*args, **kwargs):
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-        return out
-
-    loop.train_step = timed_step
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = save_tiny_wan(tmp / "wan", **spec["transformer"])
@@ -70,11 +59,13 @@ def one(size: str, steps: int, threads: int) -> dict:
             "--train_batch_size", "1", "--network_dim", "16", "--network_alpha", "16",
             "--objective", "sipo", "--calibration_batches", "1", "--logging_steps", "1000"])
         transformer_params = None
-        run(config)
+        with timed_train_steps() as steps_timed:
+            run(config)
+        times = steps_timed.wall
         from diffusers import WanTransformer3DModel
         transformer_params = sum(p.numel() for p in
                                  WanTransformer3DModel.from_pretrained(folder / "transformer").parameters())
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"size": size, "transformer_params": transformer_params, "clip": spec["clip"],
             "steps": len(times), "median_step_s": round(statistics.median(times[1:]), 3),
             "first_step_s": round(times[0], 3), "peak_rss_mb": round(peak_mb)}
