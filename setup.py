@@ -31,7 +31,7 @@ setup(
         "video": ["av"],  # PyAV: decoding video pairs (cogvideox, wan)
         "pickapic": ["pyarrow>=14"],  # reading Pick-a-Pic v2 parquet shards
         # bitsandbytes runs on CPU too (8-bit states only for tensors of 4096+ elements)
-        "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes"],
+        "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes", "tensorboard"],
     },
     entry_points={"console_scripts": ["sipo-train=train_sipo:main"]},
 )

@@ -91,3 +91,16 @@ def test_sample_images_every_n_steps_with_a_fixed_seed(manifest, tmp_path):
     # an unchanged model and the same seed give the same image at every step
     first, second = (Image.open(tmp_path / "samples" / f"sipo_lora_00000{s}_00.png") for s in (1, 2))
     assert first.tobytes() == second.tobytes()
+
+
+def test_tensorboard_logging_through_accelerate_trackers(manifest, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(short_run(manifest, tmp_path, "--objective", "diffusion-dpo", "--log_with", "tensorboard"))
+    runs = [p.parent for p in tmp_path.rglob("events.out.tfevents.*")]
+    assert runs, "no TensorBoard event file written"
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]  # logging_steps = 1
+    assert all(e.value > 0 for e in loss)
