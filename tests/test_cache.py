@@ -196,3 +196,19 @@ def test_released_encoders_leave_the_device_and_come_back_for_sampling():
     adapter.text_encoder = FakeEncoder("cpu")
     adapter.release_encoders(vae=False, text_encoders=True)
     assert adapter.released_encoders == []
+
+
+def test_latent_and_reference_caches_share_one_rule_for_the_data_settings(manifest, tmp_path):
+    from sipo_plugin.data.cache import data_settings
+    from sipo_plugin.training.reference import reference_settings
+    base = short_run(manifest, tmp_path, "--cache_latents", "true", "--reference", "cached")
+    # caching and loader options do not change what a pair encodes to: the caches stay valid
+    moved = short_run(manifest, tmp_path, "--cache_latents_to_disk", "true", "--reference", "cached",
+                      "--cache_dir", str(tmp_path / "elsewhere"), "--dataloader_num_workers", "1")
+    resized = short_run(manifest, tmp_path, "--cache_latents", "true", "--reference", "cached",
+                        "--resolution", "64")
+    assert data_settings(base) == data_settings(moved) != data_settings(resized)
+    assert "resolution" in data_settings(base) and "cache_dir" not in data_settings(base)
+    records = read_pairs(manifest)
+    assert reference_settings(base, records) == reference_settings(moved, records)
+    assert reference_settings(base, records) != reference_settings(resized, records)

@@ -160,3 +160,13 @@ def test_config_errors_name_the_fix(manifest, tmp_path):
         cached_config(manifest, tmp_path, "--caption_dropout_rate", "0.1")
     load_config(None, ["--train_data", str(manifest), "--finetune", "full", "--reference_dtype",
                        "bf16"])  # full fine-tuning's auto reference is a frozen copy
+
+
+def test_a_reference_device_that_is_not_there_is_a_config_error(manifest, tmp_path):
+    # both used to surface as a traceback from the frozen copy's .to(), after the model loaded
+    with pytest.raises(ConfigError, match="'reference_device' = 'cud' is not a device"):
+        short_run(manifest, tmp_path, "--reference", "frozen_copy", "--reference_device", "cud")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no cuda device on this machine"):
+            short_run(manifest, tmp_path, "--reference", "frozen_copy", "--reference_device", "cuda")
+    short_run(manifest, tmp_path, "--reference", "frozen_copy", "--reference_device", "cpu")

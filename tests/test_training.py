@@ -145,3 +145,30 @@ def test_interrupted_then_resumed_run_ends_with_the_same_lora(manifest, tmp_path
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_0000002.pt", "step_0000004.pt"]
+
+
+def test_lr_schedule_is_the_same_for_every_process_count(monkeypatch):
+    """accelerate's prepared scheduler ticks once per process at each optimizer step: with two
+    processes, a linear warm-up/decay over the steps must still give the one-process rates."""
+    from types import SimpleNamespace
+    import accelerate.scheduler
+    from sipo_plugin.training.loop import make_lr_scheduler
+    training = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=2, max_train_steps=6)
+
+    def rates(num_processes: int) -> list[float]:
+        monkeypatch.setattr(accelerate.scheduler, "AcceleratorState",
+                            lambda: SimpleNamespace(num_processes=num_processes))
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = accelerate.scheduler.AcceleratedScheduler(
+            make_lr_scheduler(optimizer, training, num_processes),
+            [SimpleNamespace(step_was_skipped=False)])
+        scheduler.gradient_state = SimpleNamespace(sync_gradients=True)  # every call is a step
+        out = []
+        for _ in range(training.max_train_steps):
+            scheduler.step()
+            out.append(scheduler.get_last_lr()[0])
+        return out
+
+    # warm-up to 1.0 over 2 steps, then linear to 0 at step 6
+    assert rates(1) == pytest.approx([0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
+    assert rates(2) == pytest.approx(rates(1))

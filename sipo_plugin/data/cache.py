@@ -60,6 +60,13 @@ def fingerprint(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def data_settings(config) -> dict:
+    """The [data] keys that change what a pair encodes to (not the caching or loader options):
+    part of every cache fingerprint."""
+    return {k: v for k, v in config.to_dict()["data"].items()
+            if not k.startswith("cache") and k != "dataloader_num_workers"}
+
+
 def pair_extras(batch: dict) -> dict[str, torch.Tensor]:
     """The tensors of a one-pair batch the cache passes through (not pixels, prompts, weights)."""
     return {k: v for k, v in batch.items() if k not in _BATCH_KEYS and torch.is_tensor(v)}
@@ -264,8 +271,7 @@ def build_data_cache(config, adapter, records, loader, output_dir: Path, log) ->
     latents = None
     if cache_latents:
         settings = {"model": config.to_dict()["model"], "resolution": d.resolution,
-                    "data": {k: v for k, v in config.to_dict()["data"].items()
-                             if not k.startswith("cache") and k != "dataloader_num_workers"}}
+                    "data": data_settings(config)}
         latents = build_latent_cache(adapter, loader.dataset, loader.collate_fn, records,
                                      seed=config.training.seed, settings=settings, log=log,
                                      folder=cache_dir / "latents" if d.cache_latents_to_disk else None)

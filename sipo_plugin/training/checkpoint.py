@@ -1,9 +1,9 @@
 """Training checkpoints: a plain, complete dict per file, written atomically, the last K kept.
 
-A checkpoint holds what a resumed run needs to continue exactly where it stopped on CPU: the LoRA
-weights, the optimizer and LR-schedule states, the noise generator, the number of micro-batches
-consumed (the data order is a pure function of seed and position), the calibrated objective and
-the resolved config.
+A checkpoint holds what a resumed run needs to continue exactly where it stopped on CPU: the
+trained weights, the optimizer and LR-schedule states, the optimizer step (the data order and every
+random draw are pure functions of seed and position), the calibrated objective and the resolved
+config.
 """
 
 from __future__ import annotations

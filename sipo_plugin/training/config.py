@@ -524,3 +524,20 @@ def _validate_reference_and_caches(config: Config) -> None:
     if (t.reference_device or t.reference_dtype) and not copies:
         raise ConfigError(f"{where}: reference_device / reference_dtype apply to a frozen copy only; "
                           "set reference = \"frozen_copy\" or leave them empty")
+    if t.reference_device:
+        _check_device(where, t.reference_device)
+
+
+def _check_device(where: str, device: str) -> None:
+    """reference_device names a device torch knows and this machine has (else a traceback at the
+    copy, after the model loaded)."""
+    import torch
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"{where}: 'reference_device' = '{device}' is not a device "
+                          "(e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    is_available = getattr(getattr(torch, kind, None), "is_available", None)
+    if kind != "cpu" and not (is_available and is_available()):
+        raise ConfigError(f"{where}: 'reference_device' = '{device}': no {kind} device on this "
+                          "machine; set reference_device = \"cpu\" or leave it empty")

@@ -230,6 +230,15 @@ def objective_for_run(config: Config, adapter, records, checkpoint, generator, l
     return objective
 
 
+def make_lr_scheduler(optimizer, training, num_processes: int):
+    """The configured LR schedule. accelerate's prepared scheduler ticks once per process at each
+    optimizer step, so warm-up and length are given in those ticks (num_processes x steps): every
+    process count then sees the same learning rate at step s."""
+    return get_scheduler(training.lr_scheduler, optimizer,
+                         num_warmup_steps=training.lr_warmup_steps * num_processes,
+                         num_training_steps=training.max_train_steps * num_processes)
+
+
 def save_training_state(config: Config, step: int, adapter, objective, optimizer, lr_scheduler
                         ) -> Path:
     return save_checkpoint(config.training.output_dir, step, {
@@ -296,8 +305,7 @@ def train(config: Config) -> TrainResult:
         cast_trainable_to_bf16(params)
     optimizer = build_optimizer(params, t, log.info)
     optimizer_used = optimizer_name(optimizer)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_train_steps)
+    lr_scheduler = make_lr_scheduler(optimizer, t, accelerator.num_processes)
     if checkpoint is not None:
         load_lora_state(adapter, checkpoint["lora"])
         optimizer.load_state_dict(checkpoint["optimizer"])

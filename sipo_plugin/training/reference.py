@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from ..data.cache import batch_conditioning, batch_latents, fingerprint, file_identity
+from ..data.cache import (batch_conditioning, batch_latents, data_settings, file_identity,
+                          fingerprint)
 from ..objectives import per_sample_error
 from ..utils.io import save_safetensors_atomic
 
@@ -103,7 +104,6 @@ class CachedReferenceErrors:
 
     errors: torch.Tensor
     timesteps: torch.Tensor
-    seed: int
 
     @property
     def draws(self) -> int:
@@ -151,7 +151,7 @@ def compute_reference_errors(adapter, reference, items: Callable[[list[int]], di
             if timesteps is None:
                 timesteps = torch.zeros(num_pairs, draws, dtype=noisy.timesteps.dtype)
             timesteps[pairs, k] = noisy.timesteps[:len(pairs)].cpu()
-    return CachedReferenceErrors(errors=errors, timesteps=timesteps, seed=seed)
+    return CachedReferenceErrors(errors=errors, timesteps=timesteps)
 
 
 def same_shape_chunks(latents, num_pairs: int, size: int) -> list[list[int]]:
@@ -171,24 +171,22 @@ def same_shape_chunks(latents, num_pairs: int, size: int) -> list[list[int]]:
 
 def reference_settings(config, records) -> str:
     """The fingerprint a cached reference file must match to be reused."""
-    c = config.to_dict()
-    data = {k: v for k, v in c["data"].items()
-            if not k.startswith("cache") and k != "dataloader_num_workers"}
-    return fingerprint({"model": c["model"], "data": data, "seed": config.training.seed,
+    return fingerprint({"model": config.to_dict()["model"], "data": data_settings(config),
+                        "seed": config.training.seed,
                         "draws": config.training.reference_cache_draws,
                         "mixed_precision": config.training.mixed_precision,
                         "pairs": [[r.prompt, file_identity(r.chosen), file_identity(r.rejected)]
                                   for r in records]})
 
 
-def load_reference_errors(path: Path, key: str, seed: int) -> CachedReferenceErrors | None:
+def load_reference_errors(path: Path, key: str) -> CachedReferenceErrors | None:
     """The cached errors at ``path`` when they were made with these settings, else None."""
     try:
         with safe_open(path, framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") != key:
                 return None
             return CachedReferenceErrors(errors=f.get_tensor("errors"),
-                                         timesteps=f.get_tensor("timesteps"), seed=seed)
+                                         timesteps=f.get_tensor("timesteps"))
     except Exception:  # missing, truncated or foreign: rebuild
         return None
 
@@ -199,7 +197,7 @@ def cached_reference_errors(config, adapter, records, data_cache, loader, cache_
     t = config.training
     path = cache_dir / REFERENCE_FILE
     key = reference_settings(config, records)
-    cached = load_reference_errors(path, key, t.seed)
+    cached = load_reference_errors(path, key)
     if cached is not None:
         log.info(f"reference errors reused from {path}")
         return cached
