@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from ..utils.io import atomic_write_bytes
 
 PLOTS = ("weights_by_timestep.png", "masked_fraction.png", "grad_norm_by_timestep.png")
 LINE_STYLES = ("-", "--", ":", "-.")
@@ -20,9 +23,12 @@ def _centres(summary: dict) -> list[float]:
 
 
 def _save(fig, path: Path) -> Path:
+    """Write the figure as a PNG atomically and release it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_weights(summary: dict, path: Path) -> Path:
@@ -42,9 +48,7 @@ def plot_weights(summary: dict, path: Path) -> Path:
         ax.set_ylabel("raw importance weight w")
         ax.legend(fontsize=7)
     fig.suptitle(f"kappa = {summary['settings']['kappa']:.4g}", fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_masked(summary: dict, path: Path) -> Path:
@@ -60,9 +64,7 @@ def plot_masked(summary: dict, path: Path) -> Path:
     ax.set_ylabel(f"masked fraction (w < {summary['settings']['mask_threshold']})")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_grad_norms(summary: dict, path: Path) -> Path:
@@ -84,9 +86,7 @@ def plot_grad_norms(summary: dict, path: Path) -> Path:
         a.set_xlabel("timestep")
         a.set_ylabel(label)
     ax.legend(fontsize=7)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def write_plots(summary: dict, folder: Path) -> list[Path]:
