@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from timing import peak_rss_mb, timed_train_steps
+from timing import peak_rss_mb, timed_train_steps, trained_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -106,10 +106,9 @@ def run_one(name: str, args) -> dict:
         return {"name": name, "skipped": str(err)}
     with timed_train_steps() as times:
         result = loop.train(config)
-    trained = sum(p.numel() for m in result.adapter.trainable_modules()
-                  for p in m.parameters() if p.requires_grad)
     return {"name": name, "step_s": statistics.median(times.wall[2:]),
-            "step_cpu_s": statistics.median(times.cpu[2:]), "trained_params": trained,
+            "step_cpu_s": statistics.median(times.cpu[2:]),
+            "trained_params": trained_parameters(result.adapter),
             "peak_rss_mb": peak_rss_mb()}
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import peak_rss_mb, timed_train_steps
+from timing import peak_rss_mb, timed_train_steps, trained_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "diffusion-dpo / lora / auto"
@@ -80,10 +80,9 @@ def one(label: str, model: str, steps: int, batch: int, threads: int) -> dict:
             "--train_batch_size", str(batch), "--logging_steps", str(steps), *CONFIGS[label]])
         with timed_train_steps() as times:
             result = loop.train(config)
-        params = sum(p.numel() for m in result.adapter.trainable_modules()
-                     for p in m.parameters() if p.requires_grad)
     return {"config": label, "step_s": statistics.median(times.wall[5:]),
-            "step_cpu_s": statistics.median(times.cpu[5:]), "trainable_params": params,
+            "step_cpu_s": statistics.median(times.cpu[5:]),
+            "trainable_params": trained_parameters(result.adapter),
             "peak_rss_mb": peak_rss_mb()}
 
 

@@ -40,3 +40,9 @@ def timed_train_steps() -> Iterator[StepTimes]:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def trained_parameters(adapter) -> int:
+    """How many parameters the run trains (LoRA or full), over every trainable module."""
+    return sum(p.numel() for m in adapter.trainable_modules() for p in m.parameters()
+               if p.requires_grad)

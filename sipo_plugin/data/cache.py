@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ..utils.io import save_safetensors_atomic
+from ..utils.seeding import seeded_generator
 
 LATENT_STREAM = -3  # generator key of the cached VAE posterior samples: (seed, LATENT_STREAM, i, side)
 # batch keys the cache rebuilds itself; every other tensor of a one-pair batch is passed through
@@ -108,7 +109,6 @@ class LatentCache:
 def build_latent_cache(adapter, dataset, collate: Callable, records, *, seed: int,
                        folder: Path | None, settings: dict, log=None) -> LatentCache:
     """Encode both images of every pair once (VAE posterior sample seeded by (seed, pair, side))."""
-    from ..training.loop import seeded_generator  # the loop's one seeding rule
     cache = LatentCache(entries=None if folder else {}, folder=folder)
     reused = 0
     for i, record in enumerate(records):

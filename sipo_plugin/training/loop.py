@@ -8,7 +8,6 @@ backward -> clip / step / zero_grad when gradients sync.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from ..data import PairBatchSampler, collate_pairs, read_pairs
 from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, get_objective, per_sample_error
+from ..utils.seeding import seeded_generator
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ..data.cache import batch_conditioning, batch_latents, build_data_cache, cache_dir_of
 from .config import Config
@@ -88,12 +88,6 @@ def progress_fields(metrics: dict) -> dict:
     shown = {"loss": ("loss", "{:.4f}"), "acc": ("implicit_acc", "{:.2f}"),
              "margin": ("rewards/margins", "{:.2e}")}
     return {label: fmt.format(metrics[key]) for label, (key, fmt) in shown.items() if key in metrics}
-
-
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of integers (stable across runs and processes)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..data.cache import (batch_conditioning, batch_latents, data_settings, file
                           fingerprint)
 from ..objectives import per_sample_error
 from ..utils.io import save_safetensors_atomic
+from ..utils.seeding import seeded_generator
 
 REFERENCE_STREAM = -2  # generator key of the cached draws: (seed, REFERENCE_STREAM, pair, k)
 REFERENCE_FILE = "reference_errors.safetensors"
@@ -94,7 +95,6 @@ def draw_index(pair: int, epoch: int, draws: int) -> int:
 
 def draw_generators(seed: int, pairs: list[int], ks: list[int]) -> list[torch.Generator]:
     """One generator per pair for its draw k: the stream the pre-pass and training share."""
-    from .loop import seeded_generator  # the loop's one seeding rule
     return [seeded_generator(seed, REFERENCE_STREAM, i, k) for i, k in zip(pairs, ks, strict=True)]
 
 
