@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the package with its test extra. CPU torch is pinned (the wheel
-# CI uses); on a GPU machine install your CUDA torch into .venv first and it is kept.
+# Creates .venv and installs the package with its test extra at the versions in constraints.txt
+# (the ones the suite passed with). CPU torch comes from the lock; on a GPU machine install your
+# CUDA torch into .venv first: it is kept (the lock's torch line is then left out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/pip install -q "torch==2.13.0"
+lock=constraints.txt
+if .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  lock=$(mktemp)
+  trap 'rm -f "$lock"' EXIT
+  grep -v '^torch==' constraints.txt >"$lock"
+else
+  .venv/bin/pip install -q -c constraints.txt torch
 fi
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -c "$lock" -e ".[test]"
