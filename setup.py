@@ -33,5 +33,6 @@ setup(
         # bitsandbytes runs on CPU too (8-bit states only for tensors of 4096+ elements)
         "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes", "tensorboard"],
     },
-    entry_points={"console_scripts": ["sipo-train=train_sipo:main"]},
+    entry_points={"console_scripts": ["sipo-train=train_sipo:main",
+                                     "sipo-pairs=sipo_plugin.pairs.cli:main"]},
 )

@@ -1,0 +1,37 @@
+"""``sipo-pairs``: one subcommand per step (see `sipo_plugin.pairs`).
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit code); `SUBCOMMANDS` maps the name to the module and its help line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# name -> (module under sipo_plugin.pairs, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sipo-pairs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_line, description=help_line)
+        importlib.import_module(f"sipo_plugin.pairs.{module}").add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _ = SUBCOMMANDS[args.command]
+    return importlib.import_module(f"sipo_plugin.pairs.{module}").run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
