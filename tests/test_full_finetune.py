@@ -69,8 +69,7 @@ def test_full_finetune_interrupted_then_resumed_ends_with_the_same_unet(manifest
     halfway, _ = list_checkpoints(tmp_path / "a")
     saved = load_checkpoint(halfway)["lora"]
     assert len(saved) == len(list(straight.adapter.unet.parameters()))  # the whole U-Net
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copy(halfway, tmp_path / "b" / "checkpoints")
+    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
     resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
     a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
     assert a.keys() == b.keys()

@@ -141,8 +141,7 @@ def test_cached_reference_run_interrupted_then_resumed_ends_with_the_same_lora(m
               "--cache_latents_to_disk", "true", "--cache_dir", str(tmp_path / "cache")]
     straight = train(short_run(manifest, tmp_path / "a", *common))
     halfway, _ = list_checkpoints(tmp_path / "a")
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copy(halfway, tmp_path / "b" / "checkpoints")
+    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
     resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
     a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
     assert a.keys() == b.keys() and len(a) > 0

@@ -135,16 +135,15 @@ def test_interrupted_then_resumed_run_ends_with_the_same_lora(manifest, tmp_path
               "linear", "--save_every_n_steps", "2"]
     straight = train(short_run(manifest, tmp_path / "a", *common, "--save_last_n", "2"))
     halfway, final = list_checkpoints(tmp_path / "a")
-    assert (halfway.name, final.name) == ("step_0000002.pt", "step_0000004.pt")
+    assert (halfway.name, final.name) == ("step_0000002", "step_0000004")
     # a run killed after step 2 has exactly this checkpoint on disk: resume from it
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copy(halfway, tmp_path / "b" / "checkpoints")
+    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
     resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
     assert resumed.steps == 4
     a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_0000002.pt", "step_0000004.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_0000002", "step_0000004"]
 
 
 def test_lr_schedule_is_the_same_for_every_process_count(monkeypatch):

@@ -177,18 +177,15 @@ def load_for_analysis(config):
     from ..training.loop import load_lora_state
     from ..training.reference import AdapterOffReference, FrozenCopyReference
 
+    # the checkpoint first: a missing, pickled or foreign one is refused before the model loads
+    resume_from = resolve_resume(config.training.resume, Path(config.training.output_dir))
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
     adapter = get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"),
                                                           weight_dtype=torch.float32)
     params = adapter.add_trainable(config.network)
     reference = (FrozenCopyReference(adapter.frozen_denoiser_copy())
                  if adapter.finetune == "full" else AdapterOffReference())
-    checkpoint = None
-    if config.training.resume:
-        path = resolve_resume(config.training.resume, Path(config.training.output_dir))
-        if path is None:
-            raise ValueError(f"--analyze --resume {config.training.resume}: no checkpoint in "
-                             f"{config.training.output_dir}/checkpoints")
-        checkpoint = load_checkpoint(path)
+    if checkpoint is not None:
         load_lora_state(adapter, checkpoint["lora"])
     return adapter, params, reference, checkpoint
 

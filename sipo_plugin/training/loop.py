@@ -25,7 +25,7 @@ from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, get_objective, per_sample_error
 from ..utils.seeding import seeded_generator
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume
 from ..data.cache import batch_conditioning, batch_latents, build_data_cache, cache_dir_of
 from .config import Config
 from .reference import (AdapterOffReference, cached_reference_errors, make_reference,
@@ -34,6 +34,7 @@ from .memory import (build_optimizer, cast_trainable_to_bf16, enable_gradient_ch
                      enable_xformers, optimizer_name)
 from .metrics import MetricsLogger
 from .sampling import save_samples
+from .saving import RunIdentity, new_run_id, pairs_fingerprint, save_training_state
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -233,15 +234,6 @@ def make_lr_scheduler(optimizer, training, num_processes: int):
                          num_training_steps=training.max_train_steps * num_processes)
 
 
-def save_training_state(config: Config, step: int, adapter, objective, optimizer, lr_scheduler
-                        ) -> Path:
-    return save_checkpoint(config.training.output_dir, step, {
-        "step": step, "lora": lora_state(adapter), "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "objective_name": objective.name, "objective_hyperparameters": objective.hyperparameters(),
-        "config": config.to_dict()}, keep_last=config.training.save_last_n)
-
-
 def prepare_caches(config: Config, adapter, records, accelerator, log):
     """Latent / text-encoder caches and, for reference = "cached", the reference pre-pass (run
     before a checkpoint's weights load: it needs the base model). None when nothing is cached."""
@@ -282,6 +274,8 @@ def train(config: Config) -> TrainResult:
         raise ValueError(f"{config.data.train_data}: {len(records)} pairs, fewer than "
                          f"train_batch_size = {t.train_batch_size}")
     log.info(f"{len(records)} pairs from {config.data.train_data}")
+    run = RunIdentity(run_id=checkpoint["run_id"] if checkpoint else new_run_id(),
+                      data=pairs_fingerprint(records))
     adapter = get_model_adapter(config.model.family).load(
         config.model, device=accelerator.device, weight_dtype=WEIGHT_DTYPES[accelerator.mixed_precision])
     generator = seeded_generator(t.seed, -1)  # calibration's draws; training's are per pair
@@ -341,7 +335,7 @@ def train(config: Config) -> TrainResult:
                     save_samples(adapter, t, step)
         if t.save_every_n_steps and (step % t.save_every_n_steps == 0 or step == t.max_train_steps):
             if accelerator.is_main_process:
-                save_training_state(config, step, adapter, objective, optimizer, lr_scheduler)
+                save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run)
     progress.close()
     log.close()
     adapter.restore_encoders()  # export and evaluation sample with the VAE / text encoders

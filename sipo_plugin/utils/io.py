@@ -7,8 +7,10 @@ exception while serializing) the temp file is removed and the previous file, if 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -98,3 +100,42 @@ def save_safetensors_atomic(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
     return atomic_write_bytes(path, data)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` (what ``_atomic_write`` does for one file)."""
+    for file in (p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in the yielded temporary folder beside ``path``; when the body returns, it
+    is renamed into place. ``path`` is then either the previous folder or the complete new one:
+    a reader never sees a half-written folder, and a failed body leaves no temp folder behind."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would make the result private
+    except OSError as err:
+        raise AtomicWriteError(f"could not write {path}: {err.strerror or err}") from err
+    try:
+        yield staging
+        _fsync_tree(staging)
+        previous = None
+        if path.exists():  # a folder cannot be replaced in one rename: move the old one aside first
+            previous = path.with_name(f".{path.name}.old")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+        os.replace(staging, path)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, AtomicWriteError):
+            raise AtomicWriteError(f"could not write {path}: {err.strerror or err} (nothing was "
+                                   "replaced; free space or check permissions and retry)") from err
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    _fsync_dir(path.parent)
