@@ -40,3 +40,11 @@ def test_malformed_and_duplicate_lines_name_file_and_line(tmp_path):
 def test_missing_file_says_what_to_run(tmp_path):
     with pytest.raises(CandidatesError, match="sipo-pairs sample"):
         read_candidates(tmp_path)
+
+
+def test_appending_after_a_killed_line_starts_a_fresh_line(tmp_path):
+    append_candidate(tmp_path, _record(0, 0))
+    with open(tmp_path / CANDIDATES_FILE, "a") as f:
+        f.write(_record(0, 1).to_json()[:25])  # a writer killed mid-line
+    append_candidate(tmp_path, _record(0, 1))
+    assert [r.id for r in read_candidates(tmp_path)] == ["p00000-c00", "p00000-c01"]

@@ -82,10 +82,26 @@ def read_candidates(folder: str | os.PathLike) -> list[Candidate]:
     return out
 
 
+def drop_unterminated_tail(path: str | os.PathLike) -> None:
+    """Cut a last line without its newline (a writer killed mid-line) so that the next append
+    starts a fresh line instead of gluing onto the fragment."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 def append_candidate(folder: str | os.PathLike, record: Candidate) -> None:
     """Append one record and flush it to disk before returning (a kill loses no finished one)."""
     path = Path(folder) / CANDIDATES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    drop_unterminated_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write(record.to_json() + "\n")
         f.flush()

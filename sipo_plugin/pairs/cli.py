@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # name -> (module under sipo_plugin.pairs, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("sample", "sample K candidates per prompt from your model (images or clips + latents)"),
 }
 
 

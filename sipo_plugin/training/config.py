@@ -211,6 +211,24 @@ class ToyConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How candidates ([pairs], `sipo-pairs sample`) and evaluation samples are drawn."""
+    sampler: str = _help(
+        "ddim, euler, euler_a, dpmsolver++, unipc, pndm, lms, heun, ddpm or default (the family's "
+        "pipeline sampler; video: default only); '': the family's default (sd15 ddim, sdxl euler)",
+        "")
+    sampler_steps: int = _help("sampler steps (0: the family's default, 30 for SD, 50 for video)", 0)
+    guidance_scale: float = _help(
+        "classifier-free guidance (-1: the family's default: sd15 7.5, sdxl 7, cogvideox 6, wan 5)",
+        -1.0)
+    negative_prompt: str = _help("negative prompt (a .jsonl prompt's own wins)", "")
+    width: int = _help("sample width in pixels (0: the model's native size)", 0)
+    height: int = _help("sample height in pixels (0: the model's native size)", 0)
+    sample_frames: int = _help("video: frames per sampled clip (0: the family's default)", 0)
+    sample_batch_size: int = _help("samples per pipeline call", 4)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,6 +237,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     source: str = "<defaults>"  # the preset file, for messages and metadata
 
     def __post_init__(self) -> None:
@@ -235,7 +254,7 @@ class Config:
         return out
 
 
-SECTIONS = ("model", "data", "network", "objective", "training", "export", "toy")
+SECTIONS = ("model", "data", "network", "objective", "training", "export", "toy", "sampling")
 
 
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -459,6 +478,11 @@ def _validate(config: Config) -> None:
                           "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
     _validate_reference_and_caches(config)
     _validate_buckets_and_augmentation(config)
+    from ..pairs.sampler import check_sampling_section
+    try:  # [sampling]: a sampler the family has, positive sizes
+        check_sampling_section(config.sampling, m.family)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     try:  # the objective validates its own hyper-parameters (unknown names, ranges)
         get_objective(config.objective.name, **config.objective.hyperparameters)
     except (KeyError, ValueError, TypeError) as err:
@@ -541,3 +565,21 @@ def _check_device(where: str, device: str) -> None:
     if kind != "cpu" and not (is_available and is_available()):
         raise ConfigError(f"{where}: 'reference_device' = '{device}': no {kind} device on this "
                           "machine; set reference_device = \"cpu\" or leave it empty")
+
+
+def load_sections(preset: str | Path, sections: tuple[str, ...]) -> dict:
+    """Some sections of a preset, each type-checked, without the whole-run validation (a step
+    such as `sipo-pairs sample` needs the model before any pair data exists)."""
+    path = Path(preset)
+    if not path.is_file():
+        raise ConfigError(f"preset not found: {path} (see presets/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    out = {s: _build_section(s, raw.get(s, {}), str(path)) for s in sections}
+    from ..models import available_model_families
+    if "model" in out and out["model"].family not in available_model_families():
+        raise ConfigError(f"{path}: unknown model family '{out['model'].family}'; available: "
+                          f"{', '.join(available_model_families())}")
+    return out

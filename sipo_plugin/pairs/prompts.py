@@ -1,0 +1,74 @@
+"""Prompt files for `sipo-pairs sample` and the evaluation: one prompt a line, or JSONL.
+
+    prompts.txt     one prompt a line (blank lines and lines starting with '#' are skipped)
+    prompts.jsonl   {"prompt": "...", "negative_prompt": "..."} a line (negative_prompt optional)
+    "toy"           the toy world's 54 prompts (sipo_plugin/toy/domain.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TOY_PROMPTS = "toy"
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read; the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    prompt: str
+    negative_prompt: str = ""
+
+
+def read_prompts(source: str | os.PathLike) -> list[PromptEntry]:
+    """Every prompt of a .txt / .jsonl file (or the toy world's, for "toy"), in file order."""
+    if str(source) == TOY_PROMPTS:
+        from ..toy.domain import all_prompts
+        return [PromptEntry(p) for p in all_prompts()]
+    path = Path(source)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found (a .txt with one prompt a line, "
+                              "or a .jsonl with 'prompt' and optional 'negative_prompt')")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"{path}: not UTF-8 text (byte {err.start}); re-save the file as "
+                              "UTF-8") from None
+    entries = (_jsonl_entries(path, text) if path.suffix.lower() == ".jsonl"
+               else [PromptEntry(line.strip()) for line in text.splitlines()
+                     if line.strip() and not line.lstrip().startswith("#")])
+    if not entries:
+        raise PromptFileError(f"{path}: no prompts in the file; write one prompt a line (.txt) "
+                              "or one {\"prompt\": ...} object a line (.jsonl)")
+    return entries
+
+
+def _jsonl_entries(path: Path, text: str) -> list[PromptEntry]:
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{path}:{number}: malformed JSON ({err.msg}); write one "
+                                  "{\"prompt\": ...} object a line") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        negative = row.get("negative_prompt", "") if isinstance(row, dict) else ""
+        if not isinstance(prompt, str) or not prompt.strip() or not isinstance(negative, str):
+            raise PromptFileError(f"{path}:{number}: needs a non-empty string 'prompt' (and a "
+                                  "string 'negative_prompt' if given)")
+        entries.append(PromptEntry(prompt.strip(), negative))
+    return entries
+
+
+def cycle_prompts(entries: list[PromptEntry], count: int) -> list[PromptEntry]:
+    """``count`` entries taken in order and cycled (0: each entry once)."""
+    if count <= 0:
+        return list(entries)
+    return [entries[i % len(entries)] for i in range(count)]
