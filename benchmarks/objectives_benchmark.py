@@ -180,6 +180,7 @@ def evaluate_snapshots(spec: RunSpec, config, result, snapshots: dict) -> dict[i
     from sipo_plugin.toy.evaluate import eval_set, evaluate
     from sipo_plugin.toy.pipeline import sample_images
     from sipo_plugin.training.loop import load_lora_state
+    from sipo_plugin.training.toy_world import TOY_GUIDANCE
 
     base = load_images(spec.base_images)
     prompts, seeds = eval_set(config.toy.eval_samples)
@@ -187,7 +188,7 @@ def evaluate_snapshots(spec: RunSpec, config, result, snapshots: dict) -> dict[i
     out = {}
     for step, state in sorted(snapshots.items()):
         load_lora_state(result.adapter, state)
-        tuned = sample_images(pipe, prompts, seeds, guidance_scale=config.toy.guidance_scale,
+        tuned = sample_images(pipe, prompts, seeds, guidance_scale=TOY_GUIDANCE,
                               num_inference_steps=spec.settings.eval_inference_steps)
         out[step] = evaluate(base, tuned, prompts, config.toy.reward)
     return out
@@ -272,16 +273,15 @@ def ensure_base_images(out: Path, s: Settings) -> Path:
 
     from sipo_plugin.toy.evaluate import eval_set
     from sipo_plugin.toy.pipeline import load_toy_pipeline, sample_images
-    from sipo_plugin.training.config import ToyConfig
+    from sipo_plugin.training.toy_world import TOY_GUIDANCE
     from sipo_plugin.utils.io import atomic_write_bytes
 
     path = out / f"base_eval_{s.eval_samples}_{s.eval_inference_steps}steps.safetensors"
     if path.is_file():
         return path
     from safetensors.numpy import save
-    toy = ToyConfig()
     prompts, seeds = eval_set(s.eval_samples)
-    images = sample_images(load_toy_pipeline(), prompts, seeds, guidance_scale=toy.guidance_scale,
+    images = sample_images(load_toy_pipeline(), prompts, seeds, guidance_scale=TOY_GUIDANCE,
                            num_inference_steps=s.eval_inference_steps)
     atomic_write_bytes(path, save({"images": np.ascontiguousarray(images)}))
     return path

@@ -207,7 +207,6 @@ class ToyConfig:
     evaluate: bool = _help("toy world: evaluate base vs tuned after training (eval.json)", False)
     eval_samples: int = _help("toy world: prompt x seed samples in the evaluation", 128)
     num_inference_steps: int = _help("toy world: sampler steps for pairs and evaluation", 20)
-    guidance_scale: float = _help("toy world: classifier-free guidance scale", 3.0)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,19 @@ from .config import Config
 from .loop import TrainResult
 
 
+TOY_GUIDANCE = 3.0  # the toy world's guidance unless [sampling] guidance_scale sets one
+
+
+def toy_guidance(config: Config) -> float:
+    g = config.sampling.guidance_scale
+    return g if g >= 0 else TOY_GUIDANCE
+
+
 def _pair_settings(config: Config) -> dict:
     toy = config.toy
     return {"pair_model": toy.pair_model, "reward": toy.reward, "num_pairs": toy.num_pairs,
             "pair_seed": toy.pair_seed, "num_inference_steps": toy.num_inference_steps,
-            "guidance_scale": toy.guidance_scale}
+            "guidance_scale": toy_guidance(config)}
 
 
 def ensure_toy_pairs(config: Config) -> Path:
@@ -41,7 +49,7 @@ def ensure_toy_pairs(config: Config) -> Path:
     written = generate_pairs(pipe, manifest.parent, reward=get_reward(toy.reward),
                              n_pairs=toy.num_pairs, seed=toy.pair_seed,
                              num_inference_steps=toy.num_inference_steps,
-                             guidance_scale=toy.guidance_scale)
+                             guidance_scale=toy_guidance(config))
     if Path(written).resolve() != manifest.resolve():
         os.replace(written, manifest)
     atomic_write_text(settings_file, json.dumps(settings, indent=2))
@@ -59,7 +67,7 @@ def evaluate_run(config: Config, result: TrainResult) -> dict:
     adapter = result.adapter
     pipe = adapter.sampling_pipeline()
     prompts, seeds = eval_set(toy.eval_samples)
-    kwargs = {"num_inference_steps": toy.num_inference_steps, "guidance_scale": toy.guidance_scale}
+    kwargs = {"num_inference_steps": toy.num_inference_steps, "guidance_scale": toy_guidance(config)}
     if config.network.finetune == "full":  # no adapter to switch off: sample a fresh base
         base_pipe = type(adapter).load(config.model, device=adapter.device).sampling_pipeline()
         base = sample_images(base_pipe, prompts, seeds, **kwargs)
