@@ -2,7 +2,7 @@
 """Preference training for diffusion models from a TOML preset.
 
     python train_sipo.py --preset presets/demo.toml [--key value ...]
-    python train_sipo.py --list-objectives
+    python train_sipo.py --list-objectives   (--list-rewards: the reward models)
     python train_sipo.py --preset P --check      # validate the preset and overrides, then stop
     python train_sipo.py --preset P --analyze    # importance weights, mask, gradient per timestep
 
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", help="TOML preset (see presets/)")
     parser.add_argument("--list-objectives", action="store_true",
                         help="print every registered objective with a one-line description")
+    parser.add_argument("--list-rewards", action="store_true",
+                        help="print every registered reward (for sipo-pairs score and evaluation)")
     parser.add_argument("--check", action="store_true",
                         help="validate the preset and overrides, print the resolved config, stop")
     parser.add_argument("--analyze", action="store_true",
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from sipo_plugin.objectives import describe_objectives
         for name, description in describe_objectives().items():
             print(f"{name:16s} {description}")
+        return 0
+    if args.list_rewards:
+        from sipo_plugin.pairs.score import print_rewards
+        print_rewards()
         return 0
     from sipo_plugin.training.config import ConfigError, load_config
     try:

@@ -16,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # name -> (module under sipo_plugin.pairs, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "sample K candidates per prompt from your model (images or clips + latents)"),
+    "score": ("score", "score every candidate with reward models into DIR/scores.jsonl"),
+    "make": ("make", "preference pairs (a JSONL manifest) from scored candidates"),
 }
 
 

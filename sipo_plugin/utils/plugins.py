@@ -1,0 +1,20 @@
+"""Entry-point plugins: load every object of a group, warn about (and skip) the broken ones."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+
+def load_entry_points(group: str, adopt: Callable[[Any], None], kind: str) -> None:
+    """``adopt(entry_point.load())`` for every entry point of ``group``; one that fails to load or
+    to be adopted becomes a RuntimeWarning naming the ``kind`` of plugin, so it cannot hide the
+    built-ins."""
+    for entry_point in importlib.metadata.entry_points(group=group):
+        try:
+            adopt(entry_point.load())
+        except Exception as exc:  # noqa: BLE001 - any failure of third-party code
+            warnings.warn(f"skipping {kind} plugin {entry_point.name!r} ({entry_point.value}): "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
