@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..data.errors import PairDataError
 from ..data.images import IMAGE_EXTENSIONS
-from .candidates import Candidate, CandidatesError, read_candidates
+from .candidates import Candidate, CandidatesError, drop_unterminated_tail, read_candidates
 
 SCORES_FILE = "scores.jsonl"
 IDENTITY_HEX = 16  # sha256 hex digits kept: 64 bits, ample to tell a folder's images apart
@@ -235,16 +235,6 @@ def _check_specs(table: ScoreTable, rewards: Sequence, path: Path) -> None:
                               f"{reward.spec!r}; move {path.name} away to score with the new model")
 
 
-def _open_for_append(path: Path):
-    """``path`` opened for appending, after cutting off a partial last line (a killed run's)."""
-    if path.is_file():
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
-
-
 def _score_batch(batch: Sequence[Candidate], folder: Path, rewards: Sequence, todo: dict,
                  frame_stride: int, batch_size: int) -> list[dict]:
     """One record per candidate of ``batch``: its identity and the scores of ``todo[id]``."""
@@ -296,7 +286,8 @@ def score_candidates(folder: str | os.PathLike, rewards: Sequence, *, batch_size
     pending = [c for c in candidates if c.id in todo]
     bar = tqdm(total=len(pending), desc="score", unit="cand", disable=not progress)
     if pending:
-        with _open_for_append(path) as out:
+        drop_unterminated_tail(path)  # a killed run's partial last line
+        with open(path, "a", encoding="utf-8") as out:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start:start + batch_size]
                 rows = _score_batch(batch, folder, rewards, todo, frame_stride, batch_size)
