@@ -28,10 +28,13 @@ setup(
     extras_require={
         "cuda": ["xformers", "bitsandbytes"],
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb>=0.17"],  # log_with = "wandb"
+        "prodigy": ["prodigyopt>=1.0"],  # optimizer_type = "Prodigy"
         "video": ["av"],  # PyAV: decoding video pairs (cogvideox, wan)
         "pickapic": ["pyarrow>=14"],  # reading Pick-a-Pic v2 parquet shards
         # bitsandbytes runs on CPU too (8-bit states only for tensors of 4096+ elements)
-        "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes", "tensorboard"],
+        "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes", "tensorboard", "wandb>=0.17",
+                 "prodigyopt>=1.0"],
     },
     entry_points={"console_scripts": ["sipo-train=train_sipo:main",
                                      "sipo-pairs=sipo_plugin.pairs.cli:main"]},

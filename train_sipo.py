@@ -5,9 +5,11 @@
     python train_sipo.py --list-objectives   (--list-rewards: the reward models)
     python train_sipo.py --preset P --check      # validate the preset and overrides, then stop
     python train_sipo.py --preset P --analyze    # importance weights, mask, gradient per timestep
+    python train_sipo.py --config_file sd_scripts.toml [--dataset_config pairs.toml]  # sd-scripts'
 
-Any preset key can be overridden: --learning_rate 5e-5, --training.max_train_steps 200,
---objective dpo-cm, --beta 2500 (an objective hyper-parameter).
+Any preset key can be overridden: --learning_rate 5e-5, --learning_rate=5e-5, --training.max_train_steps
+200, --objective dpo-cm, --beta 2500 (an objective hyper-parameter), --cache_latents (a bare flag is
+true); sd-scripts' option names work too (--sdpa, --network_module networks.lora, --unet_lr).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Preset keys and defaults: README.md, 'Preset reference'.")
     parser.add_argument("--preset", help="TOML preset (see presets/)")
+    parser.add_argument("--config_file",
+                        help="sd-scripts training config (.toml; sections are cosmetic, its keys "
+                        "are mapped onto the settings here, command-line options win); also "
+                        "reads a file written by --output_config")
+    parser.add_argument("--output_config", nargs="?", const=True, metavar="PATH",
+                        help="write the resolved settings (this project's preset layout) to PATH "
+                        "and stop; bare, as sd-scripts: to the --config_file path (not read)")
     parser.add_argument("--list-objectives", action="store_true",
                         help="print every registered objective with a one-line description")
     parser.add_argument("--list-rewards", action="store_true",
@@ -43,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_output_config(args, overrides: list[str]) -> int:
+    """--output_config [PATH]: the resolved settings as a preset, never over an existing file."""
+    from pathlib import Path
+
+    from sipo_plugin.training.config import ConfigError, load_config
+    from sipo_plugin.training.config_layers import config_to_toml
+    from sipo_plugin.utils.io import atomic_write_text
+    if args.output_config is True:  # sd-scripts: the --config_file path is the output
+        if not args.config_file:
+            raise ConfigError("--output_config without a path needs --config_file (the file to write)")
+        path, config = Path(args.config_file), load_config(args.preset, overrides)
+    else:
+        path = Path(args.output_config)
+        config = load_config(args.preset, overrides, config_file=args.config_file)
+    if path.exists():
+        raise ConfigError(f"{path}: already exists; --output_config does not overwrite (give a new path)")
+    atomic_write_text(path, config_to_toml(config.to_dict()))
+    print(f"settings written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     if args.list_objectives:
@@ -56,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sipo_plugin.training.config import ConfigError, load_config
     try:
-        config = load_config(args.preset, overrides)
+        if args.output_config:
+            return write_output_config(args, overrides)
+        config = load_config(args.preset, overrides, config_file=args.config_file)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def test_adafactor_with_a_fixed_learning_rate():
 
 def test_unknown_optimizer_is_rejected_with_the_choices():
     with pytest.raises(ConfigError, match="optimizer_type.*AdamW8bit"):
-        load_config(None, ["--optimizer_type", "Lion"])
+        load_config(None, ["--optimizer_type", "SGDNesterov"])
 
 
 def test_xformers_on_cpu_falls_back_to_sdpa_with_one_line():

@@ -6,6 +6,9 @@ Sources (`read_pairs` dispatches on the path):
   * a folder with ``w/`` and ``l/`` subfolders (sd-scripts PR #1427): ``w/NAME.ext`` is preferred
     over ``l/NAME.ext`` (extensions may differ), caption ``w/NAME<caption_extension>`` (first line);
     pairs sorted by NAME;
+  * an sd-scripts dataset config (``.toml``: ``[[datasets.subsets]]`` whose ``image_dir`` is a
+    folder as above, with ``num_repeats`` and ``caption_extension``; `sipo_plugin.sdscripts`):
+    each subset's pairs, listed ``num_repeats`` times;
   * a ``.jsonl`` manifest (one JSON object a line) or a ``.csv`` manifest (header row), with
     ``prompt``, ``chosen``, ``rejected`` (paths relative to the manifest's folder, or absolute) and
     an optional ``weight`` (default 1); extra fields are ignored; pairs keep the manifest's order.
@@ -37,7 +40,7 @@ from .sources import ImageReader, ImageSource
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 _SOURCES = ("expected a folder with w/ and l/ subfolders, a .jsonl or .csv manifest, "
-            "or Pick-a-Pic .parquet shard(s)")
+            "Pick-a-Pic .parquet shard(s), or an sd-scripts dataset config (.toml)")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def read_pairs(source: str | os.PathLike, *, caption_extension: str = ".txt",
             raise PairDataError(f"{path}: folder has no w/ and l/ subfolders ({_SOURCES})")
     elif path.suffix.lower() == ".parquet":
         records = read_pickapic(path, log=log)
+    elif path.suffix.lower() == ".toml":
+        records = read_dataset_config_pairs(path, caption_extension=caption_extension)
     elif path.suffix.lower() == ".jsonl":
         records = read_jsonl_manifest(path)
     elif path.suffix.lower() == ".csv":
@@ -146,6 +151,24 @@ def read_pair_folder(
     for name in sorted(winners):
         caption = _read_caption(winners[name].with_name(name + caption_extension), name)
         records.append(PairRecord(caption, winners[name], losers[name]))
+    return records
+
+
+def read_dataset_config_pairs(path: str | os.PathLike, *, caption_extension: str = ".txt"
+                              ) -> list[PairRecord]:
+    """An sd-scripts dataset config: every subset's pair folder (its own caption_extension, else
+    `caption_extension`), its pairs listed ``num_repeats`` times, subsets in file order."""
+    from ..sdscripts.config_file import SdScriptsError
+    from ..sdscripts.dataset_config import read_dataset_config
+    try:
+        dataset = read_dataset_config(path)
+    except SdScriptsError as err:
+        raise PairDataError(str(err)) from None
+    records = []
+    for subset in dataset.subsets:
+        pairs = read_pair_folder(subset.image_dir,
+                                 caption_extension=subset.caption_extension or caption_extension)
+        records.extend(pairs * subset.num_repeats)
     return records
 
 

@@ -24,7 +24,8 @@ else:  # pragma: no cover
 from ..objectives import available_objectives, get_objective
 
 TOY_MODEL = "toy"  # the bundled toy pipeline, sipo_plugin/toy/model
-OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor")
+OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "Lion8bit")
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -131,13 +132,19 @@ class TrainingConfig:
     output_dir: str = _help("where the LoRA, metrics and samples go", "outputs/run")
     output_name: str = _help("file name of the exported LoRA (without extension)", "sipo_lora")
     seed: int = _help("random seed (data order, noise, timesteps, LoRA init)", 42)
-    learning_rate: float = _help("AdamW learning rate", 1e-4)
+    learning_rate: float = _help("learning rate (of every trained part without its own below)", 1e-4)
+    unet_lr: float = _help("learning rate of the U-Net / transformer LoRA (0: learning_rate)", 0.0)
+    text_encoder_lr: float = _help(
+        "learning rate of the text-encoder LoRA with train_text_encoder (0: learning_rate)", 0.0)
     lr_scheduler: str = _help(
         "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
         "constant",
     )
     lr_warmup_steps: int = _help("warm-up steps of the LR schedule", 0)
     max_train_steps: int = _help("optimizer steps", 1000)
+    max_train_epochs: int = _help(
+        "when > 0: train this many passes over the pairs (repeats included) instead of "
+        "max_train_steps (steps = epochs x ceil(batches per epoch / accumulation / processes))", 0)
     train_batch_size: int = _help("preference pairs per micro-batch (2x images)", 1)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
     mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", "no")
@@ -154,7 +161,9 @@ class TrainingConfig:
         "write a resumable checkpoint every N steps and at the end (0: none)", 0)
     save_last_n: int = _help("checkpoints kept (older ones are deleted)", 2)
     resume: str = _help("resume from 'latest' (in output_dir/checkpoints) or a checkpoint file", "")
-    log_with: str = _help("extra tracker: none or tensorboard (JSONL is always written)", "none")
+    log_with: str = _help(
+        "extra tracker: none, tensorboard or wandb (run named by output_name; WANDB_MODE=offline "
+        "works without an account); JSONL is always written", "none")
     cpu: bool = _help("force CPU even when a GPU is present", False)
     # the reference model (see sipo_plugin/training/reference.py for the trade-offs)
     reference: str = _help(
@@ -169,7 +178,11 @@ class TrainingConfig:
         4)
     # memory (low VRAM)
     optimizer_type: str = _help(
-        "AdamW, AdamW8bit (bitsandbytes; falls back to AdamW with a note) or Adafactor", "AdamW")
+        "AdamW, AdamW8bit (bitsandbytes; falls back to AdamW with a note), Adafactor, Prodigy "
+        "(pip install prodigyopt; learning_rate 1.0), Lion or Lion8bit (bitsandbytes)", "AdamW")
+    optimizer_args: list = _help(
+        "extra optimizer arguments as sd-scripts writes them: [\"weight_decay=0.1\", "
+        "\"betas=0.9,0.99\", \"d_coef=2\"] (values are Python literals)", [])
     gradient_checkpointing: bool = _help(
         "recompute activations in the backward pass: less memory, about 20-40% more time", False)
     xformers: bool = _help(
@@ -345,36 +358,11 @@ def _parse_override_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Fold ``--key value`` pairs into the raw preset dict."""
-    raw = {section: dict(raw.get(section, {})) for section in {*SECTIONS, *raw}}
-    index = _key_index()
-    objective_keys = _objective_hyperparameter_names()
-    it = iter(overrides)
-    for token in it:
-        if not token.startswith("--"):
-            raise ConfigError(f"command line: expected --key value, got '{token}'")
-        key = token[2:].replace("-", "_") if "." not in token else token[2:]
-        value_text = next(it, None)
-        if value_text is None:
-            raise ConfigError(f"command line: '{token}' needs a value")
-        value = _parse_override_value(value_text)
-        if "." in key:
-            section, name = key.split(".", 1)
-            if section not in SECTIONS:
-                raise ConfigError(f"command line: unknown section '{section}'{_closest(section, SECTIONS)}")
-        elif key == "objective":
-            section, name = "objective", "name"
-        elif key in index:
-            section, name = index[key], key
-        elif key in objective_keys:
-            section, name = "objective", key
-        else:
-            raise ConfigError(
-                f"command line: unknown option '--{key}'{_closest(key, [*index, *sorted(objective_keys)])}"
-            )
-        raw[section][name] = value
-    return raw
+def apply_overrides(raw: dict, overrides: list[str], unused: list[str] | None = None) -> dict:
+    """Fold command-line options into the raw preset dict: this project's keys, and sd-scripts'
+    spellings (`sipo_plugin.sdscripts`); sd-scripts options with no effect here go to `unused`."""
+    from .config_layers import fold_command_line
+    return fold_command_line(raw, overrides, [] if unused is None else unused)
 
 
 def _drop_foreign_hyperparameters(preset: dict, merged: dict) -> dict:
@@ -403,8 +391,11 @@ def _objective_hyperparameter_names() -> set[str]:
     return set().union(*(_objective_fields(name) for name in available_objectives()))
 
 
-def load_config(preset: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a preset, apply overrides, validate everything; raise ConfigError with one clear line."""
+def load_config(preset: str | Path | None, overrides: list[str] | None = None, *,
+                config_file: str | Path | None = None) -> Config:
+    """Read a preset (and/or an sd-scripts ``config_file``), apply command-line overrides, validate
+    everything; raise ConfigError with one clear line. Settings sd-scripts has and this project
+    does not use are listed in one "not used here" line."""
     raw: dict = {}
     where = "<defaults>"
     if preset is not None:
@@ -421,9 +412,17 @@ def load_config(preset: str | Path | None, overrides: list[str] | None = None) -
             raise ConfigError(f"{where}: unknown section [{section}]{_closest(section, SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
+    from .config_layers import with_config_file, with_dataset_config
+    unused: list[str] = []
+    if config_file is not None:
+        raw = with_config_file(raw, config_file, unused)
+        where = str(config_file) if preset is None else where
     preset_objective = dict(raw.get("objective", {}))
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, overrides or [], unused)
     raw["objective"] = _drop_foreign_hyperparameters(preset_objective, raw["objective"])
+    raw = with_dataset_config(raw, unused)
+    if unused:
+        print(f"note: not used here (sd-scripts settings with no counterpart): {', '.join(unused)}")
     sections = {s: _build_section(s, raw.get(s, {}), where) for s in SECTIONS}
     return Config(**sections, source=where)
 
@@ -450,7 +449,7 @@ def _validate(config: Config) -> None:
     choices = {"mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16")),
                "optimizer_type": (t.optimizer_type, OPTIMIZER_TYPES),
                "lora_format": (config.export.lora_format, _lora_formats(m.family)),
-               "log_with": (t.log_with, ("none", "tensorboard")),
+               "log_with": (t.log_with, TRACKERS),
                "lr_scheduler": (t.lr_scheduler, ("constant", "constant_with_warmup", "linear",
                                                   "cosine", "cosine_with_restarts", "polynomial"))}
     for key, (value, allowed) in choices.items():

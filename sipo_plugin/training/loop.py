@@ -8,6 +8,8 @@ backward -> clip / step / zero_grad when gradients sync.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from .config import Config
 from .reference import (AdapterOffReference, cached_reference_errors, make_reference,
                         pair_generators)
 from .memory import (build_optimizer, cast_trainable_to_bf16, enable_gradient_checkpointing,
-                     enable_xformers, optimizer_name)
+                     enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
 from .sampling import save_samples
 from .saving import RunIdentity, new_run_id, pairs_fingerprint, save_training_state
@@ -225,6 +227,16 @@ def objective_for_run(config: Config, adapter, records, checkpoint, generator, l
     return objective
 
 
+def with_epoch_steps(config: Config, records, num_processes: int) -> Config:
+    """max_train_epochs > 0 (sd-scripts): max_train_steps = epochs x ceil(micro-batches per epoch /
+    (gradient_accumulation_steps x processes)); an epoch is one pass over the pairs (repeats
+    included, a partial last batch dropped)."""
+    t = config.training
+    per_epoch = make_dataloader(config, records, total=1).batch_sampler.per_epoch
+    steps = t.max_train_epochs * math.ceil(per_epoch / (t.gradient_accumulation_steps * num_processes))
+    return dataclasses.replace(config, training=dataclasses.replace(t, max_train_steps=steps))
+
+
 def make_lr_scheduler(optimizer, training, num_processes: int):
     """The configured LR schedule. accelerate's prepared scheduler ticks once per process at each
     optimizer step, so warm-up and length are given in those ticks (num_processes x steps): every
@@ -276,6 +288,10 @@ def train(config: Config) -> TrainResult:
     log.info(f"{len(records)} pairs from {config.data.train_data}")
     run = RunIdentity(run_id=checkpoint["run_id"] if checkpoint else new_run_id(),
                       data=pairs_fingerprint(records))
+    if t.max_train_epochs:
+        config = with_epoch_steps(config, records, accelerator.num_processes)
+        t = config.training
+        log.info(f"max_train_epochs = {t.max_train_epochs}: {t.max_train_steps} steps")
     adapter = get_model_adapter(config.model.family).load(
         config.model, device=accelerator.device, weight_dtype=WEIGHT_DTYPES[accelerator.mixed_precision])
     generator = seeded_generator(t.seed, -1)  # calibration's draws; training's are per pair
@@ -291,7 +307,7 @@ def train(config: Config) -> TrainResult:
         enable_xformers(adapter.trainable_modules(), accelerator.device, log.info)
     if t.full_bf16:
         cast_trainable_to_bf16(params)
-    optimizer = build_optimizer(params, t, log.info)
+    optimizer = build_optimizer(param_groups(params, adapter.trainable_modules()[0], t), t, log.info)
     optimizer_used = optimizer_name(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, t, accelerator.num_processes)
     if checkpoint is not None:

@@ -1,5 +1,5 @@
-"""Memory options of a run: the optimizer (AdamW, 8-bit AdamW, Adafactor), gradient checkpointing,
-attention kernels and bf16 weights. An optional package that is missing or unusable gives one line
+"""Memory options of a run: the optimizer (AdamW, 8-bit AdamW, Adafactor, Prodigy, Lion) and its
+parameter groups, gradient checkpointing, attention kernels and bf16 weights. An optional package that is missing or unusable gives one line
 and a safe fallback: 8-bit AdamW -> torch AdamW, xformers -> PyTorch SDPA (diffusers' default)."""
 
 from __future__ import annotations
@@ -10,32 +10,75 @@ from typing import Callable
 import torch
 
 
-def build_optimizer(params: list[torch.nn.Parameter], training, log: Callable[[str], None]
-                    ) -> torch.optim.Optimizer:
-    """The configured optimizer over ``params`` (``training``: the [training] config)."""
+def param_groups(params: list[torch.nn.Parameter], denoiser: torch.nn.Module, training
+                 ) -> list[dict]:
+    """sd-scripts' separate learning rates: the U-Net / transformer's trained parameters at
+    ``unet_lr``, the rest (the text-encoder LoRA) at ``text_encoder_lr`` (0: ``learning_rate``)."""
     t = training
-    if t.optimizer_type == "AdamW8bit":
-        bnb_optim = _bitsandbytes_optim(log)
-        if bnb_optim is not None:
-            return bnb_optim.AdamW8bit(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                       weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    if t.optimizer_type == "Adafactor":
+    own = {id(p) for p in denoiser.parameters()}
+    groups = [{"params": [p for p in params if id(p) in own], "lr": t.unet_lr or t.learning_rate},
+              {"params": [p for p in params if id(p) not in own],
+               "lr": t.text_encoder_lr or t.learning_rate}]
+    return [group for group in groups if group["params"]]
+
+
+def optimizer_kwargs(training) -> dict:
+    """``optimizer_args`` ("name=value", values Python literals as sd-scripts reads them) over the
+    adam_* settings; "betas=0.9,0.99" is a tuple."""
+    from ..sdscripts.config_file import parse_key_values
+    t = training
+    if t.optimizer_type == "Adafactor":  # a fixed learning rate (the LR schedule drives it), as
+        kwargs = {"relative_step": False, "scale_parameter": False, "warmup_init": False,
+                  "weight_decay": t.adam_weight_decay}  # sd-scripts recommends for LoRA
+    else:
+        kwargs = {"betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay}
+        if t.optimizer_type not in ("Lion", "Lion8bit"):  # Lion has no epsilon
+            kwargs["eps"] = t.adam_epsilon
+    return {**kwargs, **parse_key_values(t.optimizer_args, "optimizer_args", "optimizer_args")}
+
+
+def build_optimizer(params: list, training, log: Callable[[str], None]) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` (tensors, or `param_groups`); an optional package
+    that is missing gives one line: AdamW8bit falls back to AdamW, the optimizers whose learning
+    rates differ from AdamW's (Prodigy, Lion) stop the run."""
+    t = training
+    cls = _optimizer_class(t.optimizer_type, log)
+    try:
+        return cls(params, lr=t.learning_rate, **optimizer_kwargs(t))
+    except TypeError as err:
+        raise ValueError(f"optimizer_args {t.optimizer_args}: {cls.__name__} refuses them ({err})") from None
+
+
+def _optimizer_class(name: str, log: Callable[[str], None]) -> type:
+    if name == "Adafactor":
         from transformers.optimization import Adafactor
-        # a fixed learning rate (the LR schedule drives it), as sd-scripts recommends for LoRA
-        return Adafactor(params, lr=t.learning_rate, relative_step=False, scale_parameter=False,
-                         warmup_init=False, weight_decay=t.adam_weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        return Adafactor
+    if name == "Prodigy":
+        if importlib.util.find_spec("prodigyopt") is None:
+            raise ValueError("optimizer_type = Prodigy needs prodigyopt (pip install prodigyopt)")
+        from prodigyopt import Prodigy
+        return Prodigy
+    if name in ("AdamW8bit", "Lion", "Lion8bit"):
+        bnb_optim = _bitsandbytes_optim(log, name)
+        if bnb_optim is not None:
+            return getattr(bnb_optim, name)
+    return torch.optim.AdamW
 
 
-def _bitsandbytes_optim(log: Callable[[str], None]):
-    if importlib.util.find_spec("bitsandbytes") is None:
+def _bitsandbytes_optim(log: Callable[[str], None], name: str = "AdamW8bit"):
+    missing = importlib.util.find_spec("bitsandbytes") is None
+    if missing and name != "AdamW8bit":
+        raise ValueError(f"optimizer_type = {name} needs bitsandbytes (pip install bitsandbytes)")
+    if missing:
         log("optimizer_type = AdamW8bit needs bitsandbytes (pip install bitsandbytes): "
             "using torch AdamW (32-bit states)")
         return None
     try:
         import bitsandbytes.optim as bnb_optim
     except Exception as err:  # a broken install (no CUDA libraries, ...) must not stop the run
+        if name != "AdamW8bit":
+            raise ValueError(f"optimizer_type = {name}: bitsandbytes does not load "
+                             f"({type(err).__name__}: {err})") from None
         log(f"bitsandbytes does not load ({type(err).__name__}: {err}): using torch AdamW")
         return None
     return bnb_optim

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,12 +25,13 @@ class MetricsLogger:
         self.last: dict = {}
         self._file = self.path.open("a", encoding="utf-8") if self.is_main else None
         self.trackers = False
-        if log_with == "tensorboard":
-            if importlib.util.find_spec("tensorboard") is None:
-                self.info("tensorboard is not installed (pip install tensorboard): logging to "
+        if log_with in ("tensorboard", "wandb"):
+            if importlib.util.find_spec(log_with) is None:
+                self.info(f"{log_with} is not installed (pip install {log_with}): logging to "
                           f"{self.path} only")
             else:
-                accelerator.init_trackers("sipo", config=_flat_config(run_config))
+                accelerator.init_trackers("sipo", config=_flat_config(run_config),
+                                          init_kwargs=tracker_init_kwargs(log_with, run_config, self.path.parent))
                 self.trackers = True
 
     def info(self, message: str) -> None:
@@ -67,6 +69,15 @@ class MetricsLogger:
             self._file = None
         if self.trackers:
             self.accelerator.end_training()
+
+
+def tracker_init_kwargs(log_with: str, run_config: dict, output_dir: Path) -> dict:
+    """wandb: the run is named by output_name (as the kohya_ss GUI names it) and its files go to
+    WANDB_DIR, else the output folder; WANDB_MODE=offline logs without an account or network."""
+    if log_with != "wandb":
+        return {}
+    return {"wandb": {"name": run_config["training"]["output_name"],
+                      "dir": os.environ.get("WANDB_DIR", str(output_dir))}}
 
 
 def _flat_config(config: dict) -> dict:
