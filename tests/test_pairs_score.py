@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from sipo_plugin.data.errors import PairDataError
+from sipo_plugin.data.video import save_clip
 from sipo_plugin.pairs.candidates import Candidate, append_candidate, candidate_id
 from sipo_plugin.pairs.cli import main
 from sipo_plugin.pairs.score import (SCORES_FILE, ScoresError, content_identity, read_scores,
@@ -137,7 +138,9 @@ def test_video_candidates_score_the_mean_of_every_kth_frame(tmp_path):
     frames[..., 0] = (np.arange(9) * 25)[:, None, None]  # red 0, 25, ..., 200
     write_frame_folder(folder / "clips/p00000-c00", frames)
     write_video(folder / "clips/p00000-c01.mp4", frames)
-    for c, path in enumerate(["clips/p00000-c00", "clips/p00000-c01.mp4"]):
+    save_clip(frames, folder / "clips/p00000-c02.gif")  # what `sipo-pairs sample` writes
+    for c, path in enumerate(["clips/p00000-c00", "clips/p00000-c01.mp4",
+                              "clips/p00000-c02.gif"]):
         append_candidate(folder, Candidate(id=candidate_id(0, c), prompt="x", prompt_index=0,
                                            candidate_index=c, seed=c, path=path))
     scores = score_candidates(folder, [build_reward("test_pairs_score:red", device="cpu")],
@@ -145,6 +148,7 @@ def test_video_candidates_score_the_mean_of_every_kth_frame(tmp_path):
     expected = (0 + 100 + 200) / 3 / 255  # frames 0, 4, 8
     assert scores["p00000-c00"]["test_pairs_score:red"] == pytest.approx(expected)
     assert scores["p00000-c01"]["test_pairs_score:red"] == pytest.approx(expected, abs=2 / 255)
+    assert scores["p00000-c02"]["test_pairs_score:red"] == pytest.approx(expected, abs=2 / 255)
 
 
 def test_command_line_scores_with_a_tiny_pickscore_and_reports_bad_input(tmp_path, capsys):

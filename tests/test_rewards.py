@@ -53,6 +53,20 @@ def test_registry_lists_builtins_and_validates_names():
         build_reward("pickscor=/x")
 
 
+def test_register_reward_as_a_decorator():
+    from sipo_plugin.rewards import registry
+
+    @register_reward(name="test-decorated", description="mean red, registered by decorator")
+    def factory(path, device):
+        return mean_red
+    try:
+        assert callable(factory) and "test-decorated" in available_rewards()
+        img = Image.new("RGB", (2, 2), (255, 0, 0))
+        assert build_reward("test-decorated", device="cpu").score([img], ["x"]).tolist() == [1.0]
+    finally:
+        registry._SPECS.pop("test-decorated")
+
+
 def test_entry_point_group_is_read(monkeypatch):
     import importlib.metadata
     from sipo_plugin.rewards import registry

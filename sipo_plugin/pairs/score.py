@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.errors import PairDataError
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_EXTENSIONS, open_rgb
 from .candidates import Candidate, CandidatesError, drop_unterminated_tail, read_candidates
 
 SCORES_FILE = "scores.jsonl"
@@ -52,6 +52,10 @@ def _frame_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _identity(size: int, digest) -> str:
+    return f"{size}:{digest.hexdigest()[:IDENTITY_HEX]}"
+
+
 def content_identity(path: str | os.PathLike) -> str:
     """``"<bytes>:<sha256 prefix>"`` of a file; of a frame folder, over its image files in name
     order (names and bytes). FileNotFoundError if it is gone."""
@@ -64,7 +68,7 @@ def content_identity(path: str | os.PathLike) -> str:
             digest.update(file.name.encode() + b"\0")
         digest.update(data)
         size += len(data)
-    return f"{size}:{digest.hexdigest()[:IDENTITY_HEX]}"
+    return _identity(size, digest)
 
 
 def is_clip(path: Path) -> bool:
@@ -75,7 +79,7 @@ def is_clip(path: Path) -> bool:
 def read_clip_frames(path: Path) -> list[Image.Image]:
     """Every frame of a clip (frame folder, GIF, or a video file through PyAV), as RGB images."""
     if path.is_dir():
-        return [Image.open(p).convert("RGB") for p in _frame_files(path)]
+        return [open_rgb(p) for p in _frame_files(path)]
     if path.suffix.lower() == ".gif":
         with Image.open(path) as gif:
             frames = []
@@ -85,24 +89,11 @@ def read_clip_frames(path: Path) -> list[Image.Image]:
             return frames
     from ..data.video import _import_av
     av = _import_av()
-    with av.open(str(path)) as container:
-        return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
-
-
-def load_media(path: Path) -> Image.Image | list[Image.Image]:
-    """The candidate's image, or its clip's frames; PairDataError naming the file if it is not
-    decodable."""
     try:
-        if is_clip(path):
-            frames = read_clip_frames(path)
-            if not frames:
-                raise ValueError("no frames")
-            return frames
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
-        raise PairDataError(f"{path}: cannot decode candidate ({type(err).__name__}: {err}); "
-                            f"re-sample it or remove its line from candidates.jsonl") from err
+        with av.open(str(path)) as container:
+            return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+    except av.error.FFmpegError as err:  # not all of them are OSErrors
+        raise ValueError(str(err)) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,20 +198,24 @@ def read_scores(folder: str | os.PathLike) -> dict[str, dict[str, float]]:
 
 
 def _identity_and_media(path: Path) -> tuple[str, Image.Image | list[Image.Image]]:
-    """Content identity and decoded media, reading a still image's bytes once."""
+    """Content identity and decoded media (a still image, or a clip's frames), reading a still
+    image's bytes once; PairDataError naming the file if it is missing or does not decode."""
     if not path.exists():
         raise PairDataError(f"{path}: candidate image missing (deleted after sampling?); restore "
                             f"it, or remove its line from candidates.jsonl")
-    if is_clip(path):
-        return content_identity(path), load_media(path)
-    data = path.read_bytes()
-    identity = f"{len(data)}:{hashlib.sha256(data).hexdigest()[:IDENTITY_HEX]}"
     try:
+        if is_clip(path):
+            frames = read_clip_frames(path)
+            if not frames:
+                raise ValueError("no frames")
+            return content_identity(path), frames
+        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
-            return identity, img.convert("RGB")
+            media = img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:
         raise PairDataError(f"{path}: cannot decode candidate ({type(err).__name__}: {err}); "
                             f"re-sample it or remove its line from candidates.jsonl") from err
+    return _identity(len(data), hashlib.sha256(data)), media
 
 
 def _check_specs(table: ScoreTable, rewards: Sequence, path: Path) -> None:

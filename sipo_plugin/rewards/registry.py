@@ -65,13 +65,21 @@ _SPECS: dict[str, RewardSpec] = {}
 _ENTRY_POINTS_LOADED = False
 
 
-def register_reward(*, name: str, factory: RewardFactory, description: str,
-                    path: str = PATH_NONE, path_help: str = "") -> RewardSpec:
+def register_reward(*, name: str, description: str, factory: RewardFactory | None = None,
+                    path: str = PATH_NONE, path_help: str = ""):
     """Register ``factory(path, device, **options) -> fn(images, prompts) -> [N] scores``.
 
-    ValueError for a badly formed or duplicate name, a multi-line description or an unknown
-    ``path`` mode; TypeError for a non-callable factory.
+    Without ``factory`` it is a decorator: ``@register_reward(name="sharpness", description=...)``
+    above the factory registers it and returns it unchanged. ValueError for a badly formed or
+    duplicate name, a multi-line description or an unknown ``path`` mode; TypeError for a
+    non-callable factory.
     """
+    if factory is None:
+        def decorate(fn: RewardFactory) -> RewardFactory:
+            register_reward(name=name, description=description, factory=fn, path=path,
+                            path_help=path_help)
+            return fn
+        return decorate
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"reward names use lowercase letters, digits and single hyphens "
                          f"(e.g. 'my-reward'), got {name!r}")
