@@ -101,7 +101,8 @@ def run_one(name: str, args) -> dict:
             "--train_data", str(manifest), "--output_dir", str(work), "--resolution",
             str(args.resolution), "--objective", "sipo", "--kappa", "30.0", "--learning_rate", "1e-5",
             "--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch),
-            "--logging_steps", str(args.steps), *CONFIGURATIONS[name]])
+            "--logging_steps", str(args.steps), "--overwrite", "true",  # a rerun replaces it
+            *CONFIGURATIONS[name]])
     except ConfigError as err:
         return {"name": name, "skipped": str(err)}
     with timed_train_steps() as times:

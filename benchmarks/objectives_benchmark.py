@@ -171,6 +171,7 @@ def run_config(spec: RunSpec):
         "--seed", str(spec.seed), "--learning_rate", str(s.learning_rate),
         "--max_train_steps", str(s.steps), "--train_batch_size", str(s.batch),
         "--logging_steps", str(s.steps), "--eval_samples", str(s.eval_samples),
+        "--overwrite", "true",  # a rerun (after an interruption) replaces the unfinished run
         *objective_overrides(spec.variant, spec.beta)]
     return load_config(None, overrides)
 

@@ -175,10 +175,12 @@ def load_for_analysis(config):
     set, the checkpoint's trained state loaded."""
     from ..training.checkpoint import load_checkpoint, resolve_resume
     from ..training.loop import load_lora_state
+    from ..training.run_folder import folder_run_id
     from ..training.reference import AdapterOffReference, FrozenCopyReference
 
     # the checkpoint first: a missing, pickled or foreign one is refused before the model loads
-    resume_from = resolve_resume(config.training.resume, Path(config.training.output_dir))
+    output_dir = Path(config.training.output_dir)
+    resume_from = resolve_resume(config.training.resume, output_dir, folder_run_id(output_dir))
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     adapter = get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"),
                                                           weight_dtype=torch.float32)

@@ -158,9 +158,16 @@ class TrainingConfig:
         32)
     logging_steps: int = _help("optimizer steps between metric log lines", 10)
     save_every_n_steps: int = _help(
-        "write a resumable checkpoint every N steps and at the end (0: none)", 0)
-    save_last_n: int = _help("checkpoints kept (older ones are deleted)", 2)
-    resume: str = _help("resume from 'latest' (in output_dir/checkpoints) or a checkpoint file", "")
+        "every N steps and at the end: a resumable checkpoint and the LoRA file "
+        "{output_name}-{step:06d} (0: none)", 0)
+    save_last_n: int = _help(
+        "this run's checkpoints and step LoRA files kept (older ones are deleted)", 2)
+    resume: str = _help(
+        "resume from 'latest' (this run's newest in output_dir/checkpoints) or a checkpoint folder",
+        "")
+    overwrite: bool = _help(
+        "a new run into an output_dir holding another run's checkpoints, LoRA files or metrics "
+        "deletes them (without it the run stops)", False)
     log_with: str = _help(
         "extra tracker: none, tensorboard or wandb (run named by output_name; WANDB_MODE=offline "
         "works without an account); JSONL is always written", "none")
@@ -407,6 +414,7 @@ def load_config(preset: str | Path | None, overrides: list[str] | None = None, *
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw.pop("run", None)  # the [run] table of a run.toml written by a run: not a setting
     for section, values in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown section [{section}]{_closest(section, SECTIONS)}")

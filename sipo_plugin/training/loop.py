@@ -36,7 +36,8 @@ from .memory import (build_optimizer, cast_trainable_to_bf16, enable_gradient_ch
                      enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
 from .sampling import save_samples
-from .saving import RunIdentity, new_run_id, pairs_fingerprint, save_training_state
+from .run_folder import folder_run_id
+from .saving import save_training_state, start_run
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,6 +58,7 @@ class TrainResult:
     last_metrics: dict = field(default_factory=dict)
     optimizer: str = "torch.optim.AdamW"
     reference: object = None  # the live reference (training/reference.py); None when cached
+    run_id: str = ""  # carried by the run's checkpoints and LoRA files (training/run_folder.py)
 
 
 def use_cpu(training) -> bool:
@@ -276,8 +278,7 @@ def train(config: Config) -> TrainResult:
                               log_with=None if t.log_with == "none" else t.log_with,
                               project_dir=str(output_dir))
     set_seed(t.seed)
-    log = MetricsLogger(output_dir / "metrics.jsonl", accelerator, t.log_with, config.to_dict())
-    resume_from = resolve_resume(t.resume, output_dir)
+    resume_from = resolve_resume(t.resume, output_dir, folder_run_id(output_dir))
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     start = checkpoint["step"] if checkpoint else 0
 
@@ -285,12 +286,14 @@ def train(config: Config) -> TrainResult:
     if len(records) < t.train_batch_size:
         raise ValueError(f"{config.data.train_data}: {len(records)} pairs, fewer than "
                          f"train_batch_size = {t.train_batch_size}")
-    log.info(f"{len(records)} pairs from {config.data.train_data}")
-    run = RunIdentity(run_id=checkpoint["run_id"] if checkpoint else new_run_id(),
-                      data=pairs_fingerprint(records))
     if t.max_train_epochs:
         config = with_epoch_steps(config, records, accelerator.num_processes)
         t = config.training
+    # before anything is written: the resume's settings and the folder's owner are checked
+    run = start_run(config, checkpoint, resume_from, records, accelerator)
+    log = MetricsLogger(output_dir / "metrics.jsonl", accelerator, t.log_with, config.to_dict())
+    log.info(f"{len(records)} pairs from {config.data.train_data}")
+    if t.max_train_epochs:
         log.info(f"max_train_epochs = {t.max_train_epochs}: {t.max_train_steps} steps")
     adapter = get_model_adapter(config.model.family).load(
         config.model, device=accelerator.device, weight_dtype=WEIGHT_DTYPES[accelerator.mixed_precision])
@@ -358,4 +361,4 @@ def train(config: Config) -> TrainResult:
     return TrainResult(adapter=adapter, objective=objective, accelerator=accelerator, steps=step,
                        num_pairs=len(records), started_at=started_at,
                        metrics_log=output_dir / "metrics.jsonl", last_metrics=log.last,
-                       optimizer=optimizer_used, reference=reference)
+                       optimizer=optimizer_used, reference=reference, run_id=run.run_id)

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .loop import TrainResult, train, use_cpu
+from .run_folder import RUN_ID_KEY
 
 
 def clip_or_image_size(config: Config) -> int | tuple[int, int]:
@@ -23,6 +24,8 @@ def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
     t = config.training
     objective = result.objective
     extra = {"ss_objective": objective.name}
+    if result.run_id:
+        extra[RUN_ID_KEY] = result.run_id
     for key, value in objective.hyperparameters().items():
         extra[f"ss_objective_{key}"] = str(value)
     extra["ss_dpo_beta"] = str(objective.hyperparameters().get("beta", ""))
@@ -38,17 +41,19 @@ def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
         architecture=result.adapter.modelspec_architecture, extra=extra)
 
 
-def export(config: Config, result: TrainResult) -> Path:
-    """The LoRA file (finetune = "lora") or, for full fine-tuning, the whole pipeline as a diffusers
-    folder <output_dir>/<output_name>/ (with sipo_training.json holding the metadata)."""
+def export(config: Config, result: TrainResult, name: str = "") -> Path:
+    """The LoRA file <output_dir>/<name>.safetensors (finetune = "lora") or, for full fine-tuning,
+    the whole pipeline as a diffusers folder <output_dir>/<name>/ (with sipo_training.json holding
+    the metadata); ``name`` defaults to output_name."""
     t = config.training
+    name = name or t.output_name
     if config.network.finetune == "full":
-        written = result.adapter.export_full(Path(t.output_dir) / t.output_name,
+        written = result.adapter.export_full(Path(t.output_dir) / name,
                                              metadata=lora_metadata(config, result))
         tqdm.write(f"fine-tuned model (diffusers folder) written to {written}")
         return Path(written)
     suffix = ".safetensors" if config.export.lora_format == "kohya" else ""
-    path = Path(t.output_dir) / f"{t.output_name}{suffix}"
+    path = Path(t.output_dir) / f"{name}{suffix}"
     written = result.adapter.export_lora(path, lora_format=config.export.lora_format,
                                          network_alpha=config.network.network_alpha,
                                          metadata=lora_metadata(config, result))
