@@ -31,6 +31,7 @@ APPLIED = {
                  "sample_guidance_scale"},
     "export": None,  # every key: the export happens after training
     "toy": None,  # the toy world's pair generation is checked through the data fingerprint
+    "sampling": None,  # candidate and evaluation sampling, not training
 }
 
 
