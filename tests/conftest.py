@@ -20,3 +20,13 @@ from test_training import make_rendered_pairs  # noqa: E402
 def manifest(tmp_path_factory) -> Path:
     """Toy pairs rendered once per test file (tests/test_training.py: make_rendered_pairs)."""
     return make_rendered_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 with an empty Hub cache (huggingface_hub reads both at import, so the
+    module constants are patched): nothing can be fetched, whatever the machine."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -10,16 +10,20 @@ weights (bitwise), hence identical U-Net prediction, VAE decode and text-encoder
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint, fetch_diffusers_config)
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
 from sd15_single_file import diffusers_to_original_sd15
 from tiny_models import tiny_sd15_pipeline
 
 from sipo_plugin.models.sd15 import load_sd15_components
+from sipo_plugin.models.single_file import config_repo_for
 
 SEED = 0
 # Same weights and the same configs run the same kernels: the outputs are expected bit-identical.
@@ -126,10 +130,65 @@ def test_training_scheduler(single_file):
     torch.testing.assert_close(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod, atol=0, rtol=0)
 
 
-def test_single_file_needs_model_config(single_file):
+def test_offline_without_model_config_names_the_config_folder(single_file, hub_offline):
     _, _, path, *_ = single_file
-    with pytest.raises(ValueError, match="model_config"):
+    with pytest.raises(ValueError) as err:
         load_sd15_components(str(path))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: the model's configs could not be fetched")
+    # exactly the folder diffusers wanted: its config of this checkpoint's base model
+    assert "configs of a diffusers copy of stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    assert "model_index.json, tokenizer/, text_encoder/, vae/, unet/, scheduler/" in message
+
+
+def test_without_model_config_diffusers_fetches_the_configs(single_file, monkeypatch):
+    """Online, diffusers finds the configs itself: from_single_file gets no config and may download;
+    a failed fetch (here: no network) is the same one line naming the folder."""
+    pipe, _, path, *_ = single_file
+    calls = []
+
+    def fake_from_single_file(cls, checkpoint, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 2:
+            raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
+        return pipe
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(fake_from_single_file))
+    components = load_sd15_components(str(path))
+    assert components["unet"] is pipe.unet
+    assert "config" not in calls[0] and "local_files_only" not in calls[0]
+    with pytest.raises(ValueError, match=r"could not be fetched \(Got: ConnectError.*"
+                                         r"stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        load_sd15_components(str(path))
+
+
+def test_config_folder_made_from_a_diffusers_copy_loads(single_file, tmp_path):
+    """The README's recipe: the configs of a diffusers copy of the same base model (its weights
+    left out) are enough for model_config."""
+    pipe, _, path, folder, _ = single_file
+    configs = tmp_path / "configs"
+    shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert not list(configs.rglob("*.safetensors"))
+    components = load_sd15_components(str(path), model_config=str(configs))
+    for name in ("unet", "vae", "text_encoder"):
+        loaded = components[name].state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in getattr(pipe, name).state_dict().items())
+
+
+@pytest.mark.parametrize("key, shape, repo", [
+    ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", (4, 1024),
+     "stabilityai/stable-diffusion-2-1"),
+    ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", (4,),
+     "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("model.diffusion_model.output_blocks.11.0.skip_connection.weight", (4, 4),
+     "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+])
+def test_config_repo_is_read_from_the_header_as_diffusers_infers_it(tmp_path, key, shape, repo):
+    path = tmp_path / "model.safetensors"
+    tensors = {key: torch.zeros(shape)}
+    save_file(tensors, str(path))
+    assert fetch_diffusers_config(tensors)["pretrained_model_name_or_path"] == repo
+    assert config_repo_for(path) == repo
 
 
 def test_conversion_is_config_driven():

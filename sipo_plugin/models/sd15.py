@@ -1,7 +1,8 @@
 """Stable Diffusion 1.x architecture (UNet2DConditionModel + AutoencoderKL + CLIP text encoder).
 
 The bundled toy model is one; so is any SD1.5 fine-tune in diffusers format or as a single-file
-checkpoint (loaded through diffusers with a local config folder: nothing is downloaded).
+checkpoint (loaded through diffusers: with a local config folder, `model_config`, nothing is
+downloaded; without one diffusers fetches its base model's configs).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -31,21 +31,13 @@ def load_pipeline_components(name_or_path: str, model_config: str, *, pipeline_c
                              parts: dict[str, type], architecture: str,
                              single_file_kwargs: dict | None = None) -> dict:
     """`parts` ({subfolder: class}) of a local diffusers folder, or of a single-file checkpoint
-    loaded by `pipeline_cls.from_single_file` with the configs of `model_config`, plus a DDPM
-    training scheduler ("scheduler"); nothing is downloaded. `architecture` names the expected
+    (`single_file.load_single_file`: the configs of `model_config`, or without it those diffusers
+    fetches), plus a DDPM training scheduler ("scheduler"). `architecture` names the expected
     model in errors."""
     path = resolve_model_path(name_or_path)
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-        if not model_config:
-            raise ValueError(f"{path}: a single-file checkpoint needs model_config, a local diffusers "
-                             "folder with the model's configs (model_index.json, unet/config.json, ...)")
-        try:
-            pipe = pipeline_cls.from_single_file(str(path), config=model_config, local_files_only=True,
-                                                 **(single_file_kwargs or {}))
-        except (NotImplementedError, KeyError, RuntimeError, ValueError) as err:  # missing/mis-shaped weights
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path}: not an {architecture} checkpoint matching the configs in "
-                             f"{model_config} ({first_line})") from err
+        pipe = load_single_file(path, model_config, pipeline_cls=pipeline_cls, parts=list(parts),
+                                architecture=architecture, **(single_file_kwargs or {}))
         components = {name: getattr(pipe, name) for name in parts}
         components["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
         return components

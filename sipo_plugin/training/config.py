@@ -42,11 +42,13 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 class ModelConfig:
     family: str = _help("model family adapter: sd15, sdxl, cogvideox or wan", "sd15")
     pretrained_model_name_or_path: str = _help(
-        "a diffusers folder, a single-file .safetensors checkpoint (needs model_config), or 'toy'",
+        "a diffusers folder, a single-file .safetensors checkpoint (offline: needs model_config), "
+        "or 'toy'",
         TOY_MODEL,
     )
     model_config: str = _help(
-        "for a single-file checkpoint: a local diffusers folder holding the model's configs", ""
+        "for a single-file checkpoint: a local diffusers folder holding the model's configs (needed "
+        "offline; online diffusers fetches its base model's)", ""
     )
     # low-VRAM options of the large (video) families
     base_weights_dtype: str = _help(
