@@ -94,18 +94,23 @@ def flatten_config(raw: dict) -> dict:
     return flat
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file's contents; SdScriptsError naming the file when it is missing or malformed."""
+    if not path.is_file():
+        raise SdScriptsError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise SdScriptsError(f"{path}: not valid TOML: {err}") from None
+
+
 def read_config_file(path: str | Path) -> dict:
     """The flat key -> value dict of an sd-scripts config file (sd-scripts appends a missing
     ``.toml`` to the name: so does this)."""
     path = Path(path)
     if path.suffix != ".toml" and not path.is_file():
         path = path.with_name(path.name + ".toml")
-    if not path.is_file():
-        raise SdScriptsError(f"config_file not found: {path}")
-    try:
-        return flatten_config(tomllib.loads(path.read_text(encoding="utf-8")))
-    except tomllib.TOMLDecodeError as err:
-        raise SdScriptsError(f"{path}: not valid TOML: {err}") from None
+    return flatten_config(read_toml(path, "config_file"))
 
 
 def is_neutral(key: str, value: Any) -> bool:
@@ -208,7 +213,8 @@ def _refused(message: str):
 
 
 def _only_if_field(key: str):
-    """sdB's settings (clip_skip, save_precision, ...): passed on when the config has the field."""
+    """Settings of the LoRA-refinement / LoCon / DoRA / clip_skip / save_precision work, mapped
+    before the config may have them: passed on when it has the field, else listed as not used."""
     def handle(value, where, fields):
         if key in fields:
             return {key: value}, []
@@ -263,7 +269,7 @@ def translate(flat: dict, where: str, fields: Iterable[str], *, strict: bool = F
             mapped, extra = {}, ([] if is_neutral(key, value) else [key])
         elif key in fields:
             mapped, extra = {key: value}, []
-        elif strict and key not in KNOWN_UNUSED:
+        elif strict:
             import difflib
             match = difflib.get_close_matches(key, sorted(fields | KNOWN_UNUSED), n=1, cutoff=0.5)
             hint = f" (did you mean '{match[0]}'?)" if match else ""

@@ -12,17 +12,11 @@ agree across datasets and subsets. ``image_dir`` paths are taken as sd-scripts t
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config_file import SdScriptsError, is_neutral, parse_resolution
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config_file import SdScriptsError, is_neutral, parse_resolution, read_toml
 
 # sd-scripts dataset / subset keys that map onto this project's run settings
 RUN_SETTINGS = {"resolution": "resolution", "batch_size": "train_batch_size",
@@ -108,12 +102,7 @@ def _agreed(path: Path, key: str, values: list[tuple[str, Any]]) -> Any:
 def read_dataset_config(path: str | Path) -> DatasetConfig:
     """Parse and check an sd-scripts dataset config (every image_dir a pair folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise SdScriptsError(f"dataset_config not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise SdScriptsError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, "dataset_config")
     for key in raw:
         if key not in ("general", "datasets"):
             raise SdScriptsError(f"{path}: unknown top-level key '{key}' (sd-scripts dataset "
