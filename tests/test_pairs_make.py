@@ -106,3 +106,15 @@ def test_unscored_candidates_and_impossible_margins_say_what_to_do(tmp_path):
     with pytest.raises(PairDataError, match="no pairs .*lower --min_margin"):
         make_manifest(folder, tmp_path / "p.jsonl", min_margin=100.0)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_score_and_make_benchmark_runs(tmp_path, capsys):
+    """benchmarks/score_and_make.py on a few candidates (it must keep working; no timing asserted)."""
+    import runpy
+    from pathlib import Path
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks/score_and_make.py"))
+    rows = bench["bench_scoring"](tmp_path, "tiny", 4, [1, 4])
+    assert [r["batch_size"] for r in rows] == [1, 4] and all(r["cand_per_s"] > 0 for r in rows)
+    rows = bench["bench_make"](tmp_path, 40)
+    assert [r["pairs"] for r in rows if "pairs" in r] == [10, 60]  # 10 prompts x (1, C(4, 2))
