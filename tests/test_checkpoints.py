@@ -168,3 +168,16 @@ def test_resume_of_something_else_says_what_it_is(saved_run, tmp_path):
     folder = saved_run / "checkpoints" / "step_0000001"
     assert resolve_resume(str(folder / "trained.safetensors"), tmp_path) == folder
     assert resolve_resume(str(folder), tmp_path) == folder
+
+
+def test_no_code_in_the_package_unpickles():
+    """Every torch.load in the package passes weights_only=True, and nothing imports pickle."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    sources = [*sorted((root / "sipo_plugin").rglob("*.py")), root / "train_sipo.py"]
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"torch\.load\(", text):  # the call's first lines
+            call = text[match.start():match.start() + 300].split("\n\n")[0]
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M), path

@@ -145,7 +145,8 @@ def test_a_legacy_folder_without_run_toml_is_another_runs(manifest, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(RunFolderError, match=r"metrics\.jsonl"):
+    with pytest.raises(RunFolderError, match=r"metrics\.jsonl\): choose another --output_dir, "
+                       "or pass --overwrite"):  # no checkpoint: resuming is not offered
         train(short_run(manifest, out, "--max_train_steps", "1"))
 
 
@@ -185,3 +186,13 @@ def test_resume_of_a_lora_or_foreign_file_is_one_line(what, run_a, manifest, tmp
     assert len(err.splitlines()) == 1
     assert ("a LoRA file, not a training checkpoint" if what == "lora"
             else "not a sipo-plugin checkpoint") in err
+
+
+def test_analyze_of_a_checkpoint_with_another_rank_is_one_line(run_a, manifest, capsys):
+    out = run_a[0]
+    argv = ["--analyze", "--analysis-pairs", "2", *cli(manifest, out, "--resume", "latest",
+                                                       "--network_dim", "4")]
+    assert train_sipo.main(argv) == 1
+    err = capsys.readouterr().err  # the model loads first: its progress bar comes before
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "do not match this run's network settings" in err.strip().splitlines()[-1]

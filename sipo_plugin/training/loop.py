@@ -197,7 +197,7 @@ def lora_state(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
 
 def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> None:
     current = dict(lora_state(adapter))
-    if current.keys() != state.keys():
+    if current.keys() != state.keys() or any(current[k].shape != v.shape for k, v in state.items()):
         raise ValueError("the checkpoint's trainable weights do not match this run's network "
                          "settings (finetune, network_dim, targets, train_text_encoder)")
     for i, module in enumerate(adapter.trainable_modules()):

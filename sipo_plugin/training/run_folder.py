@@ -139,9 +139,11 @@ def claim_output_dir(config: Config, run_id: str, resuming: bool, accelerator, l
         names = ", ".join(str(p.relative_to(t.output_dir)) for p in foreign[:4])
         more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
         owner = folder_run_id(t.output_dir)
+        resumable = any(p.parent.name == CHECKPOINT_DIR and p.suffix != ".pt" for p in foreign)
         raise RunFolderError(
             f"{t.output_dir} holds another run's files ({names}{more}"
-            f"{f'; run {owner}' if owner else ''}): continue that run with --resume latest, "
+            f"{f'; run {owner}' if owner else ''}): "
+            f"{'continue that run with --resume latest, ' if resumable else ''}"
             "choose another --output_dir, or pass --overwrite to delete them")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
