@@ -30,6 +30,7 @@ from sipo_plugin.export import (
     peft_to_kohya,
     sd_scripts_hashes,
 )
+from sipo_plugin.models.peft_lora import inject_lora
 from sipo_plugin.utils import io as sipo_io
 from sipo_plugin.utils.io import AtomicWriteError, atomic_write_text, save_safetensors_atomic
 
@@ -50,7 +51,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 def add_lora(model: torch.nn.Module, targets, seed: int, **config) -> torch.nn.Module:
     """Inject a LoRA (alpha != rank) and randomize lora_B so that it is non-zero."""
     config = {"r": RANK, "lora_alpha": ALPHA, **config}
-    model.add_adapter(LoraConfig(target_modules=targets, **config))
+    inject_lora(model, LoraConfig(target_modules=targets, **config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from diffusers import StableDiffusionPipeline
 
 from sipo_plugin.training.config import ConfigError
@@ -43,11 +44,17 @@ def test_full_finetune_exports_a_diffusers_folder_with_the_trained_unet(manifest
     assert folder == tmp_path / "tuned" and (folder / "model_index.json").is_file()
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     meta = json.loads((folder / "sipo_training.json").read_text())
-    assert meta["ss_objective"] == "sipo"
+    assert meta["ss_objective"] == "sipo" and meta["ss_save_precision"] == "fp16"
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     loaded = pipe.unet.state_dict()
     trained = result.adapter.unet.state_dict()
-    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    # save_precision fp16 (the default): the saved U-Net is the trained one rounded to fp16, while
+    # the live model keeps fp32
+    saved = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(saved[k].dtype == torch.float16 for k in trained)
+    assert all(torch.equal(loaded[k], trained[k].half().float()) for k in trained)
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert pipe.vae.dtype == torch.float32, "only the trained denoiser takes save_precision"
     # the export replaces a previous folder in one piece
     assert export(config, result) == folder and not list(tmp_path.glob(".tuned*"))
 

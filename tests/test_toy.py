@@ -177,6 +177,7 @@ def test_bundled_model_loads_per_component_and_is_small():
 
 
 def test_sampling_is_deterministic_per_prompt_and_seed(pipe):
+    from sipo_plugin.models.peft_lora import inject_lora, set_lora_enabled
     from sipo_plugin.toy.pipeline import sample_images
 
     prompts = ["a red circle on a gray background", GREEN_TRIANGLE, GREEN_TRIANGLE]
@@ -195,16 +196,17 @@ def test_sampling_with_a_lora_adapter(pipe):
 
     from peft import LoraConfig
 
+    from sipo_plugin.models.peft_lora import inject_lora, set_lora_enabled
     from sipo_plugin.toy.pipeline import sample_images
 
     tuned = copy.copy(pipe)
     tuned.unet = copy.deepcopy(pipe.unet)
-    tuned.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                      init_lora_weights=False))
+    inject_lora(tuned.unet, LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                       init_lora_weights=False))
     p, s = [GREEN_TRIANGLE] * 2, [5, 6]
     base = sample_images(pipe, p, s, num_inference_steps=6)
     with_lora = sample_images(tuned, p, s, num_inference_steps=6)
-    tuned.unet.disable_adapters()
+    set_lora_enabled(tuned.unet, False)
     disabled = sample_images(tuned, p, s, num_inference_steps=6)
     np.testing.assert_array_equal(disabled, base)
     assert np.abs(with_lora.astype(int) - base).max() > 0

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sipo_plugin.models import get_model_adapter
+from sipo_plugin.models.peft_lora import set_lora_enabled
 from sipo_plugin.objectives import available_objectives
 from sipo_plugin.toy.domain import all_prompts, render_prompt
 from sipo_plugin.training.config import load_config
@@ -114,10 +115,10 @@ def test_text_encoder_lora_trains_exports_and_is_off_in_the_reference(manifest, 
         tuned = adapter.encode_prompts(prompts)["encoder_hidden_states"]
         with adapter.reference():
             reference = adapter.encode_prompts(prompts)["encoder_hidden_states"]
-        adapter.text_encoder.disable_adapters()
+        set_lora_enabled(adapter.text_encoder, False)
         base = adapter.text_encoder(adapter.tokenizer(prompts, padding="max_length",
                                     return_tensors="pt").input_ids)[0]
-        adapter.text_encoder.enable_adapters()
+        set_lora_enabled(adapter.text_encoder, True)
     assert torch.equal(reference, base)
     assert not torch.allclose(tuned, reference), "the text-encoder LoRA did not train"
     from sipo_plugin.training.run import export

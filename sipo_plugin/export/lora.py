@@ -72,7 +72,7 @@ def export_lora(
 ) -> Path:
     """Write the LoRA of `unet` (and `text_encoder`) atomically; returns the file written.
 
-    `unet` / `text_encoder`: PEFT-injected modules (``unet.add_adapter(LoraConfig(...))``) or their
+    `unet` / `text_encoder`: PEFT-injected modules (``peft.inject_adapter_in_model(LoraConfig(...), unet)``) or their
     `peft.get_peft_model_state_dict` dicts. For modules, every layer's scale must equal
     network_alpha / rank (None: export each module's own alpha).
     format "kohya": sd-scripts keys (lora_unet_*, lora_te_*) + ``.alpha`` at `path` (a

@@ -76,6 +76,9 @@ class ModelAdapter(ABC):
     denoiser_name: str = "unet"  # the attribute holding the denoiser (video families: transformer)
     frozen_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     finetune: str = "lora"  # "full" once unfreeze_denoiser ran
+    # reference = "initial": the name of the frozen adapter holding the starting LoRA (the
+    # reference then switches to it instead of switching the LoRA off); None: the base model
+    reference_adapter: str | None = None
 
     @abstractmethod
     def add_lora(self, network) -> list[torch.nn.Parameter]:
@@ -141,12 +144,25 @@ class ModelAdapter(ABC):
         """Extra arguments of ``sampling_pipeline()(...)`` for sample images (e.g. video frames)."""
         return {}
 
+    def set_active_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the active one (only the trained adapter requires grad)."""
+        raise NotImplementedError(f"{type(self).__name__} has one adapter only")
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """The reference model is the same weights with the adapter disabled: no second copy."""
+        """The reference model is the same weights with the adapter disabled (no second copy), or,
+        with ``reference_adapter``, with that frozen adapter active instead of the trained one."""
         if self.finetune == "full":
             raise RuntimeError("full fine-tuning has no adapter to switch off: the reference is a "
                                "frozen copy or cached errors (sipo_plugin.training.reference)")
+        if self.reference_adapter:
+            from .peft_lora import TRAINED_ADAPTER
+            self.set_active_adapter(self.reference_adapter)
+            try:
+                yield
+            finally:
+                self.set_active_adapter(TRAINED_ADAPTER)
+            return
         self.set_adapters_enabled(False)
         try:
             yield
@@ -154,8 +170,15 @@ class ModelAdapter(ABC):
             self.set_adapters_enabled(True)
 
     @abstractmethod
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict) -> object:
-        """Write the trained LoRA where users' tools load it."""
+    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
+                    save_dtype: torch.dtype | None = None) -> object:
+        """Write the trained LoRA where users' tools load it (weights in ``save_dtype``; None: as
+        trained)."""
+
+    def network_metadata(self, config) -> dict[str, str]:
+        """The family's extra ``ss_*`` keys of the exported file (SD: ss_clip_skip, LoCon/DoRA's
+        ss_network_args)."""
+        return {}
 
     # -- full fine-tuning and the reference model (generic: every family names its denoiser) --
 
@@ -231,9 +254,10 @@ class ModelAdapter(ABC):
             for name in names:
                 getattr(self, name).to("cpu")
 
-    def export_full(self, path, *, metadata: dict) -> Path:
+    def export_full(self, path, *, metadata: dict, save_dtype: torch.dtype | None = None) -> Path:
         """Full fine-tuning: the whole pipeline as a diffusers folder (safetensors), written
         atomically; ``from_pretrained(path)`` loads it, diffusers' conversion scripts turn it into
         a single-file checkpoint for WebUI / ComfyUI."""
         from ..export.full_model import save_pipeline_atomic
-        return save_pipeline_atomic(self.sampling_pipeline(), path, metadata=metadata)
+        return save_pipeline_atomic(self.sampling_pipeline(), path, metadata=metadata,
+                                    save_dtype={self.denoiser_name: save_dtype})

@@ -154,18 +154,20 @@ class CogVideoXAdapter(VideoTransformerAdapter):
         return {"num_frames": self.sample_num_frames, "height": c.sample_height * spatial,
                 "width": c.sample_width * spatial}
 
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict):
+    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
+                    save_dtype: torch.dtype | None = None):
         """``transformer.<path>.lora_A/B.weight`` (alpha / rank folded into B) in one .safetensors
         file ('.safetensors' is appended to a path without it); ``load_lora_weights`` reads it."""
         if lora_format not in self.lora_formats:
             raise ValueError(f"lora_format '{lora_format}' is not a CogVideoX LoRA format; use "
                              "'diffusers'")
         return export_cogvideox_lora(path, self.transformer, network_alpha=network_alpha,
-                                     metadata=metadata)
+                                     metadata=metadata, save_dtype=save_dtype)
 
 
 def export_cogvideox_lora(path, transformer: torch.nn.Module, *, network_alpha: float | None,
-                          metadata: dict | None = None) -> Path:
+                          metadata: dict | None = None,
+                          save_dtype: torch.dtype | None = None) -> Path:
     """The transformer's PEFT LoRA as diffusers keys ``transformer.<module>.lora_A.weight``."""
     from collections import Counter
 
@@ -176,6 +178,8 @@ def export_cogvideox_lora(path, transformer: torch.nn.Module, *, network_alpha: 
     from ..utils.io import save_safetensors_atomic
     state, alphas = lora_state_of(transformer)
     tensors = peft_to_diffusers(state, prefix="transformer", alpha=check_alphas(alphas, network_alpha))
+    if save_dtype is not None:
+        tensors = {k: v.to(save_dtype) for k, v in tensors.items()}
     ranks = Counter(pair.rank for pair in split_peft_state_dict(state).values())
     meta = {"format": "pt", **_base_metadata(ranks, network_alpha), **stringify_metadata(metadata)}
     return save_safetensors_atomic(tensors, safetensors_file(path), meta)

@@ -8,14 +8,16 @@ downloaded; without one diffusers fetches its base model's configs).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
-from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
+from .lora_start import fresh_lora_config, inject_from_file
+from .peft_lora import TRAINED_ADAPTER, inject_lora, lora_config, set_active_lora, set_lora_enabled
 from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
 
 
@@ -58,6 +60,14 @@ def load_sd15_components(name_or_path: str, model_config: str = "") -> dict:
         single_file_kwargs={"safety_checker": None, "requires_safety_checker": False})
 
 
+def check_clip_skip(clip_skip: int, text_encoder) -> None:
+    """1 <= clip_skip <= the encoder's layer count, else a one-line ValueError."""
+    layers = text_encoder.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip = {clip_skip}: the text encoder has {layers} layers "
+                         f"(use 1 to {layers}; 2 is the penultimate)")
+
+
 @register_model_family("sd15")
 class SD15Adapter(ModelAdapter):
     """SD1.x: epsilon or v-prediction U-Net on VAE latents, CLIP text conditioning."""
@@ -67,7 +77,11 @@ class SD15Adapter(ModelAdapter):
     text_encoder_names: tuple[str, ...] = ("text_encoder",)  # each gets the LoRA when trained
     load_components = staticmethod(load_sd15_components)  # (name_or_path, model_config) -> dict
 
-    def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype):
+    default_clip_skip = 1  # the last layer (sd-scripts numbering)
+
+    def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype,
+                 clip_skip: int = 0):
+        self.clip_skip = clip_skip or self.default_clip_skip
         self.tokenizer = components["tokenizer"]
         self.text_encoder = components["text_encoder"]
         self.vae = components["vae"]
@@ -81,12 +95,19 @@ class SD15Adapter(ModelAdapter):
         if weight_dtype != torch.float32:  # the VAE stays fp32: SD1.5's VAE overflows in fp16
             self.text_encoder.to(dtype=weight_dtype)
             self.unet.to(dtype=weight_dtype)
+        check_clip_skip(self.clip_skip, self.text_encoder)
+        if not hasattr(self.text_encoder, "text_model"):
+            # diffusers' SD encode_prompt(clip_skip=...) reads text_encoder.text_model.final_layer_norm,
+            # a level transformers 5 removed: a plain (unregistered) alias keeps sampling working
+            self.text_encoder.__dict__["text_model"] = SimpleNamespace(
+                final_layer_norm=self.text_encoder.final_layer_norm)
 
     @classmethod
     def load(cls, model_cfg, *, device: torch.device, weight_dtype: torch.dtype = torch.float32):
         components = cls.load_components(model_cfg.pretrained_model_name_or_path,
                                          model_cfg.model_config)
-        return cls(components, device=device, weight_dtype=weight_dtype)
+        return cls(components, device=device, weight_dtype=weight_dtype,
+                   clip_skip=getattr(model_cfg, "clip_skip", 0))
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -96,17 +117,29 @@ class SD15Adapter(ModelAdapter):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    def kohya_unet_namer(self):
+        """U-Net module path -> the name sd-scripts files use (None: the path itself)."""
+        return None
+
     def add_lora(self, network) -> list[torch.nn.Parameter]:
-        unet_config = LoraConfig(r=network.network_dim, lora_alpha=network.network_alpha,
-                                 init_lora_weights=True,
-                                 target_modules=list(network.network_target_modules))
-        self.unet.add_adapter(unet_config)
-        if network.train_text_encoder:  # LoRA on every text encoder, with the same settings
-            for name in self.text_encoder_names:
-                getattr(self, name).add_adapter(LoraConfig(
-                    r=network.network_dim, lora_alpha=network.network_alpha, init_lora_weights=True,
-                    target_modules=list(network.text_encoder_target_modules)))
-            self._train_text_encoder = True
+        """A fresh LoRA (LoCon with conv_dim, DoRA with use_dora), or the LoRA of network_weights
+        (plus its frozen copy as the reference adapter when ``reference_adapter`` is set)."""
+        if network.network_weights:
+            from ..export.lora_file import network_weights_file
+            models = {"unet": self.unet, **{n: getattr(self, n) for n in self.text_encoder_names}}
+            adapters = (TRAINED_ADAPTER, *([self.reference_adapter] if self.reference_adapter else []))
+            found = inject_from_file(models, network_weights_file(network.network_weights),
+                                     family=self.family, use_dora=network.use_dora,
+                                     adapters=adapters, unet_namer=self.kohya_unet_namer())
+            self._train_text_encoder = any(c != "unet" for c in found)
+        else:
+            inject_lora(self.unet, fresh_lora_config(network, self.unet))
+            if network.train_text_encoder:  # LoRA on every text encoder, with the same settings
+                for name in self.text_encoder_names:
+                    inject_lora(getattr(self, name), lora_config(
+                        rank=network.network_dim, alpha=network.network_alpha,
+                        targets=network.text_encoder_target_modules, use_dora=network.use_dora))
+                self._train_text_encoder = True
         params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
         for p in params:  # LoRA weights train in fp32 even when the base is fp16/bf16
             p.data = p.data.float()
@@ -119,7 +152,11 @@ class SD15Adapter(ModelAdapter):
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.trainable_modules():
-            module.enable_adapters() if enabled else module.disable_adapters()
+            set_lora_enabled(module, enabled)
+
+    def set_active_adapter(self, name: str) -> None:
+        for module in self.trainable_modules():
+            set_active_lora(module, name, trainable=name == TRAINED_ADAPTER)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -127,9 +164,23 @@ class SD15Adapter(ModelAdapter):
         return latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """CLIP hidden state -clip_skip, through the final layer norm (sd-scripts and diffusers'
+        encode_prompt(clip_skip=clip_skip - 1); clip_skip 1 is the last layer's output)."""
         ids = self.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                              max_length=self.tokenizer.model_max_length).input_ids
-        return {"encoder_hidden_states": self.text_encoder(ids.to(self.device))[0]}
+        if self.clip_skip == 1:
+            return {"encoder_hidden_states": self.text_encoder(ids.to(self.device))[0]}
+        out = self.text_encoder(ids.to(self.device), output_hidden_states=True)
+        hidden = out.hidden_states[-self.clip_skip]
+        return {"encoder_hidden_states": self.text_encoder.final_layer_norm(hidden)}
+
+    def sampling_kwargs(self) -> dict:
+        """diffusers counts skipped layers: its clip_skip is ours minus the default."""
+        skip = self.clip_skip - self.default_clip_skip
+        return {"clip_skip": skip} if skip else {}
+
+    def network_metadata(self, config) -> dict[str, str]:
+        return {"ss_clip_skip": str(self.clip_skip)}
 
     def make_noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
                    ) -> NoisyBatch:
@@ -156,8 +207,10 @@ class SD15Adapter(ModelAdapter):
                                        safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
 
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict):
+    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
+                    save_dtype: torch.dtype | None = None):
         from ..export import export_lora
         return export_lora(path, unet=self.unet,
                            text_encoder=self.text_encoder if self._train_text_encoder else None,
-                           network_alpha=network_alpha, format=lora_format, metadata=metadata)
+                           network_alpha=network_alpha, format=lora_format, metadata=metadata,
+                           save_dtype=save_dtype)

@@ -65,10 +65,13 @@ class SDXLAdapter(SD15Adapter):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     load_components = staticmethod(load_sdxl_components)
 
-    def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype):
+    default_clip_skip = 2  # SDXL reads the penultimate layer of both encoders
+
+    def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype,
+                 clip_skip: int = 0):
         self.tokenizer_2 = components["tokenizer_2"]
         self.text_encoder_2 = components["text_encoder_2"]
-        super().__init__(components, device=device, weight_dtype=weight_dtype)
+        super().__init__(components, device=device, weight_dtype=weight_dtype, clip_skip=clip_skip)
         self.text_encoder_2.requires_grad_(False)
         # the VAE stays fp32 (SD15Adapter): SDXL's VAE overflows in fp16
         self.text_encoder_2.to(device, dtype=self.text_encoder.dtype)
@@ -77,16 +80,24 @@ class SDXLAdapter(SD15Adapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """SDXL reads hidden states without the final layer norm: clip_skip 1 has no meaning."""
+        if config.model.clip_skip == 1:
+            raise ValueError("clip_skip = 1: SDXL conditions on the penultimate layer (clip_skip 2, "
+                             "the default); use 0, 2 or more")
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Penultimate hidden states of both encoders, concatenated on the feature axis, and the
-        second encoder's pooled projection (diffusers' SDXL `encode_prompt` without clip skip)."""
+        """Hidden states -clip_skip (default 2: the penultimate) of both encoders, concatenated on
+        the feature axis, and the second encoder's pooled projection (diffusers' SDXL
+        `encode_prompt(clip_skip=clip_skip - 2)`; sd-scripts reads the penultimate always)."""
         hidden = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder),
                                    (self.tokenizer_2, self.text_encoder_2)):
             ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                             max_length=tokenizer.model_max_length).input_ids
             out = encoder(ids.to(self.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            hidden.append(out.hidden_states[-self.clip_skip])
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out.text_embeds}
 
     def pair_conditioning(self, cond: Conditioning, batch: dict) -> Conditioning:
@@ -108,10 +119,16 @@ class SDXLAdapter(SD15Adapter):
             tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
             scheduler=scheduler)
 
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict):
-        from ..export import export_lora, sgm_module_namer
+    def kohya_unet_namer(self):
+        """sd-scripts names SDXL's U-Net modules with the original SGM block names."""
+        from ..export import sgm_module_namer
+        return sgm_module_namer(self.unet.config)
+
+    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
+                    save_dtype: torch.dtype | None = None):
+        from ..export import export_lora
         text_encoders = ({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
                          if self._train_text_encoder else {})
         return export_lora(path, unet=self.unet, **text_encoders, network_alpha=network_alpha,
-                           format=lora_format, metadata=metadata,
-                           unet_module_name=sgm_module_namer(self.unet.config))
+                           format=lora_format, metadata=metadata, save_dtype=save_dtype,
+                           unet_module_name=self.kohya_unet_namer())

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from peft import LoraConfig
-
 from .base import ModelAdapter
+from .peft_lora import inject_lora, lora_config, set_lora_enabled
 
 # [model] base_weights_dtype -> storage dtype of the frozen transformer weights ("": as loaded)
 BASE_WEIGHT_DTYPES = {"": None, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
@@ -135,6 +134,13 @@ class VideoTransformerAdapter(ModelAdapter):
         if config.network.train_text_encoder:
             raise ValueError(f"train_text_encoder is not supported for {cls.display_name} (the "
                              f"{cls.text_encoder_kind} encoder stays frozen); set it to false")
+        image_only = {"network_weights": config.network.network_weights,
+                      "conv_dim": config.network.conv_dim, "use_dora": config.network.use_dora,
+                      "clip_skip": config.model.clip_skip}
+        used = [key for key, value in image_only.items() if value]
+        if used:
+            raise ValueError(f"{', '.join(used)}: SD1.5 / SDXL settings, not supported for "
+                             f"{cls.display_name}; remove them from the preset")
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each transformer block in the backward pass instead of storing activations
@@ -142,10 +148,9 @@ class VideoTransformerAdapter(ModelAdapter):
         self.transformer.enable_gradient_checkpointing()
 
     def add_lora(self, network) -> list[torch.nn.Parameter]:
-        config = LoraConfig(r=network.network_dim, lora_alpha=network.network_alpha,
-                            init_lora_weights=True,
-                            target_modules=list(network.network_target_modules))
-        self.transformer.add_adapter(config)
+        inject_lora(self.transformer, lora_config(rank=network.network_dim,
+                                                  alpha=network.network_alpha,
+                                                  targets=network.network_target_modules))
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         for p in params:  # LoRA weights train in fp32 on the device, whatever the base storage
             p.data = p.data.to(self.device, torch.float32)
@@ -155,4 +160,4 @@ class VideoTransformerAdapter(ModelAdapter):
         return [self.transformer]
 
     def set_adapters_enabled(self, enabled: bool) -> None:
-        self.transformer.enable_adapters() if enabled else self.transformer.disable_adapters()
+        set_lora_enabled(self.transformer, enabled)

@@ -185,11 +185,13 @@ class WanAdapter(VideoTransformerAdapter):
         """Sample clips during training: 33 frames (2 s at 16 fps) at Wan2.1's 480p size."""
         return {"num_frames": 33, "height": 480, "width": 832}
 
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict):
+    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
+                    save_dtype: torch.dtype | None = None):
         """One .safetensors file ('.safetensors' is appended to a path without it)."""
         from ..export.wan import export_wan_lora
         if lora_format not in self.lora_formats:
             raise ValueError(f"lora_format '{lora_format}' is not a Wan LoRA format; use 'wan' or "
                              "'musubi'")
         return export_wan_lora(safetensors_file(path), transformer=self.transformer,
-                               network_alpha=network_alpha, format=lora_format, metadata=metadata)
+                               network_alpha=network_alpha, format=lora_format, metadata=metadata,
+                               save_dtype=save_dtype)

@@ -49,11 +49,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def sample_images(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], *,
                   num_inference_steps: int = DEFAULT_STEPS,
-                  guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64) -> np.ndarray:
+                  guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64,
+                  **pipeline_kwargs) -> np.ndarray:
     """One image per (prompt, seed) -> np.uint8 [N, H, W, 3].
 
     Each image's initial noise comes from its own CPU `torch.Generator(seed)`, so an image does
-    not depend on the batch it is drawn in. Uses the pipeline's own __call__ with DDIM.
+    not depend on the batch it is drawn in. Uses the pipeline's own __call__ with DDIM
+    (``pipeline_kwargs``: more of its arguments, e.g. clip_skip).
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
@@ -66,7 +68,7 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: 
         out = view(
             prompt=prompts[i : i + batch_size], generator=gens, height=size, width=size,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            output_type="np",
+            output_type="np", **pipeline_kwargs,
         )
         chunks.append(to_uint8(out.images))
     if not chunks:

@@ -49,8 +49,10 @@ def lora_dpo_step_seconds(pipe, n_steps: int = 20, rank: int = 4) -> float:
 
     from peft import LoraConfig
 
+    from ..models.peft_lora import inject_lora, set_lora_enabled
+
     unet = copy.deepcopy(pipe.unet).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+    inject_lora(unet, LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -68,9 +70,9 @@ def lora_dpo_step_seconds(pipe, n_steps: int = 20, rank: int = 4) -> float:
     def step() -> None:
         pred = unet(noisy, t, cond).sample  # [8, 4, h, w], winners then losers
         with torch.no_grad():
-            unet.disable_adapters()
+            set_lora_enabled(unet, False)
             ref = unet(noisy, t, cond).sample
-            unet.enable_adapters()
+            set_lora_enabled(unet, True)
         err, ref_err = ((pred - noise) ** 2).mean((1, 2, 3)), ((ref - noise) ** 2).mean((1, 2, 3))
         inside = (err[:4] - err[4:]) - (ref_err[:4] - ref_err[4:])
         loss = -torch.nn.functional.logsigmoid(-2500.0 * inside).mean()

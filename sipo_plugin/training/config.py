@@ -21,11 +21,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..export.lora_file import LORA_FILE_IN_FOLDER, network_weights_file
 from ..objectives import available_objectives, get_objective
 
 TOY_MODEL = "toy"  # the bundled toy pipeline, sipo_plugin/toy/model
 OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "Lion8bit")
 TRACKERS = ("none", "tensorboard", "wandb")
+REFERENCE_MODES = ("auto", "base", "initial", "frozen_copy", "cached")
+SAVE_PRECISIONS = ("fp16", "bf16", "float")
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,11 @@ class ModelConfig:
         "for a single-file checkpoint: a local diffusers folder holding the model's configs (needed "
         "offline; online diffusers fetches its base model's)", ""
     )
+    clip_skip: int = _help(
+        "text-encoder layer the prompt is read from, sd-scripts / WebUI numbering: 0 = the family's "
+        "default (SD1.5: 1, SDXL: 2), 1 = the last layer, 2 = the penultimate (hidden state -n, then "
+        "the final layer norm on SD1.5); diffusers' encode_prompt(clip_skip=n-1) on SD1.5, "
+        "clip_skip=n-2 on SDXL. Used in training, caching, sampling and evaluation", 0)
     # low-VRAM options of the large (video) families
     base_weights_dtype: str = _help(
         "storage dtype of the frozen base transformer: '' (as loaded), 'bf16', or 'fp8' (layerwise "
@@ -109,6 +117,18 @@ class DataConfig:
 class NetworkConfig:
     network_dim: int = _help("LoRA rank", 8)
     network_alpha: float = _help("LoRA alpha; the LoRA output is scaled by alpha / rank", 8.0)
+    network_weights: str = _help(
+        "start from an existing LoRA: an sd-scripts/kohya or diffusers .safetensors file (or a "
+        "folder holding pytorch_lora_weights.safetensors); its rank, alpha, targets, conv layers "
+        "and DoRA are used (differences from this preset are named in one note)", "")
+    conv_dim: int = _help(
+        "LoCon: LoRA rank of the 3x3 convolutions in the U-Net's ResNet blocks and down/upsamplers "
+        "(their 1x1 shortcut and time projection get network_dim), as sd-scripts' conv_dim; 0: off",
+        0)
+    conv_alpha: float = _help("LoCon: alpha of the conv layers (scale conv_alpha / conv_dim)", 1.0)
+    use_dora: bool = _help(
+        "DoRA (weight-decomposed LoRA, through peft): exported with dora_scale keys, which ComfyUI "
+        "and diffusers load", False)
     network_target_modules: list = _help(
         "U-Net module names the LoRA wraps (peft target_modules)",
         ["to_q", "to_k", "to_v", "to_out.0"],
@@ -176,8 +196,9 @@ class TrainingConfig:
     cpu: bool = _help("force CPU even when a GPU is present", False)
     # the reference model (see sipo_plugin/training/reference.py for the trade-offs)
     reference: str = _help(
-        "auto (LoRA: the base with the adapter off; full: frozen_copy), frozen_copy (a frozen "
-        "copy of the U-Net), or cached (reference errors of reference_cache_draws noise/timestep "
+        "auto or base (LoRA: the base model, the adapter off; full: frozen_copy), initial (LoRA with "
+        "network_weights: the starting LoRA, frozen), frozen_copy (a frozen copy of the U-Net), or "
+        "cached (reference errors of reference_cache_draws noise/timestep "
         "draws per pair computed before training; needs cache_latents)", "auto")
     reference_device: str = _help("frozen copy's device: '' (the training device) or e.g. 'cpu'", "")
     reference_dtype: str = _help(
@@ -215,6 +236,9 @@ class ExportConfig:
         "kohya (sd-scripts keys: WebUI, ComfyUI, diffusers) or diffusers (PEFT keys); wan: wan "
         "(original Wan keys: ComfyUI, diffusers) or musubi (musubi-tuner keys)", "kohya"
     )
+    save_precision: str = _help(
+        "dtype of the exported weights: fp16 (half the size of float), bf16 or float; full "
+        "fine-tuning: the saved denoiser's dtype", "fp16")
 
 
 @dataclass(frozen=True)
@@ -485,6 +509,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{where}: train_data not found: {d.train_data} "
                           "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
     _validate_reference_and_caches(config)
+    _validate_network_start_and_layers(config)
     _validate_buckets_and_augmentation(config)
     from ..pairs.sampler import check_sampling_section
     try:  # [sampling]: a sampler the family has, positive sizes
@@ -501,6 +526,35 @@ def _validate(config: Config) -> None:
         check_video_config(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _validate_network_start_and_layers(config: Config) -> None:
+    """network_weights, reference = "initial", LoCon, DoRA, clip_skip, save_precision (one line
+    each, naming the fix)."""
+    where, t, n = config.source, config.training, config.network
+    if config.export.save_precision not in SAVE_PRECISIONS:
+        raise ConfigError(f"{where}: 'save_precision' must be one of {', '.join(SAVE_PRECISIONS)}, "
+                          f"got '{config.export.save_precision}'"
+                          f"{_closest(config.export.save_precision, SAVE_PRECISIONS)}")
+    if config.model.clip_skip < 0 or n.conv_dim < 0:
+        raise ConfigError(f"{where}: 'clip_skip' and 'conv_dim' must be >= 0")
+    if n.conv_alpha <= 0:
+        raise ConfigError(f"{where}: 'conv_alpha' must be > 0, got {n.conv_alpha}")
+    if n.finetune == "full" and (n.network_weights or n.conv_dim or n.use_dora):
+        raise ConfigError(f"{where}: network_weights, conv_dim and use_dora are LoRA settings; "
+                          "finetune = \"full\" trains every U-Net weight (set finetune = \"lora\")")
+    if t.reference == "initial" and not n.network_weights:
+        raise ConfigError(f"{where}: reference = \"initial\" is the LoRA of network_weights, frozen; "
+                          "set network_weights to a LoRA file, or reference = \"base\"")
+    pending = [k for k, v in (("network_weights", n.network_weights), ("conv_dim", n.conv_dim),
+                              ("use_dora", n.use_dora)) if v]
+    if pending:  # TEMPORARY (issue 12.3/12.5 in progress on branch sdB): keys land first
+        raise ConfigError(f"{where}: {', '.join(pending)}: not available in this version yet")
+    if n.network_weights:
+        file = network_weights_file(n.network_weights)
+        if not file.is_file() or file.suffix != ".safetensors":
+            raise ConfigError(f"{where}: network_weights: no LoRA file at {file} (give a "
+                              ".safetensors LoRA, or a folder holding {LORA_FILE_IN_FOLDER})")
 
 
 def _validate_buckets_and_augmentation(config: Config) -> None:
@@ -528,7 +582,7 @@ def _validate_reference_and_caches(config: Config) -> None:
     """Cross-checks of finetune, reference and caching (one line each, naming the fix)."""
     where, t, d, n = config.source, config.training, config.data, config.network
     choices = {"finetune": (n.finetune, ("lora", "full")),
-               "reference": (t.reference, ("auto", "frozen_copy", "cached")),
+               "reference": (t.reference, REFERENCE_MODES),
                "reference_dtype": (t.reference_dtype, ("", "fp16", "bf16", "fp32"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -552,7 +606,7 @@ def _validate_reference_and_caches(config: Config) -> None:
     if t.reference == "cached" and getattr(d, "caption_dropout_rate", 0.0) > 0:
         raise ConfigError(f"{where}: reference = \"cached\" cannot be used with caption_dropout_rate > 0 "
                           "(the cached errors are for the full caption); set caption_dropout_rate = 0")
-    copies = t.reference == "frozen_copy" or (t.reference == "auto" and n.finetune == "full")
+    copies = t.reference == "frozen_copy" or (t.reference in ("auto", "base") and n.finetune == "full")
     if (t.reference_device or t.reference_dtype) and not copies:
         raise ConfigError(f"{where}: reference_device / reference_dtype apply to a frozen copy only; "
                           "set reference = \"frozen_copy\" or leave them empty")

@@ -2,8 +2,12 @@
 
 ``[training] reference``:
 
-- ``auto``: LoRA -> the base weights with the adapter switched off (no second copy, one extra
-  forward per step); full fine-tuning -> ``frozen_copy``.
+- ``auto`` / ``base``: LoRA -> the base weights with the adapter switched off (no second copy, one
+  extra forward per step); full fine-tuning -> ``frozen_copy``.
+- ``initial`` (LoRA started from ``network_weights``): the starting LoRA, kept as a second, frozen
+  peft adapter beside the trained one and switched in for the reference forward (OneTrainer's
+  EXISTING_ADAPTER). The run then starts at policy == reference (loss ln 2) and the objective
+  measures how far the refined LoRA moved from the one it started as, not from the base model.
 - ``frozen_copy``: a deep copy of the denoiser taken before training, frozen, on
   ``reference_device`` in ``reference_dtype`` (e.g. "cpu": the accelerator holds only the trained
   model, at the price of a CPU forward per step).
@@ -35,11 +39,13 @@ from ..utils.seeding import seeded_generator
 
 REFERENCE_STREAM = -2  # generator key of the cached draws: (seed, REFERENCE_STREAM, pair, k)
 REFERENCE_FILE = "reference_errors.safetensors"
+INITIAL_ADAPTER = "initial"  # reference = "initial": the frozen copy of the starting LoRA
 REFERENCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class AdapterOffReference:
-    """LoRA: the same weights with the adapter disabled (text-encoder LoRA off too)."""
+    """LoRA: the same weights with the adapter disabled (text-encoder LoRA off too), or with the
+    frozen starting adapter active instead (reference = "initial", ``adapter.reference()``)."""
 
     def predict(self, adapter, noisy, cond: dict, batch: dict) -> torch.Tensor:
         with adapter.reference():
@@ -75,9 +81,14 @@ class UntrainedModelReference:
 def make_reference(config, adapter, log):
     """The live reference of a run (None for ``cached``); call before anything trains."""
     t, full = config.training, config.network.finetune == "full"
-    mode = t.reference if t.reference != "auto" else ("frozen_copy" if full else "adapter_off")
+    mode = t.reference if t.reference not in ("auto", "base") else (
+        "frozen_copy" if full else "adapter_off")
     if mode == "cached":
         return None
+    if mode == "initial":  # the starting LoRA of network_weights, kept as a frozen second adapter
+        adapter.reference_adapter = INITIAL_ADAPTER
+        log.info(f"reference: the starting LoRA of {config.network.network_weights}, frozen")
+        return AdapterOffReference()
     if mode == "adapter_off":
         return AdapterOffReference()
     dtype = REFERENCE_DTYPES[t.reference_dtype] if t.reference_dtype else None

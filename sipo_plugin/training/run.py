@@ -29,6 +29,8 @@ def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
     for key, value in objective.hyperparameters().items():
         extra[f"ss_objective_{key}"] = str(value)
     extra["ss_dpo_beta"] = str(objective.hyperparameters().get("beta", ""))
+    extra["ss_save_precision"] = config.export.save_precision
+    extra.update(result.adapter.network_metadata(config))
     return build_metadata(
         network_dim=config.network.network_dim, network_alpha=config.network.network_alpha,
         learning_rate=t.learning_rate, num_train_images=2 * result.num_pairs, steps=result.steps,
@@ -41,6 +43,13 @@ def lora_metadata(config: Config, result: TrainResult) -> dict[str, str]:
         architecture=result.adapter.modelspec_architecture, extra=extra)
 
 
+def save_dtype(config: Config):
+    """[export] save_precision as a torch dtype (fp16, bf16, float = float32)."""
+    import torch
+    return {"fp16": torch.float16, "bf16": torch.bfloat16,
+            "float": torch.float32}[config.export.save_precision]
+
+
 def export(config: Config, result: TrainResult, name: str = "") -> Path:
     """The LoRA file <output_dir>/<name>.safetensors (finetune = "lora") or, for full fine-tuning,
     the whole pipeline as a diffusers folder <output_dir>/<name>/ (with sipo_training.json holding
@@ -49,14 +58,16 @@ def export(config: Config, result: TrainResult, name: str = "") -> Path:
     name = name or t.output_name
     if config.network.finetune == "full":
         written = result.adapter.export_full(Path(t.output_dir) / name,
-                                             metadata=lora_metadata(config, result))
+                                             metadata=lora_metadata(config, result),
+                                             save_dtype=save_dtype(config))
         tqdm.write(f"fine-tuned model (diffusers folder) written to {written}")
         return Path(written)
     suffix = ".safetensors" if config.export.lora_format == "kohya" else ""
     path = Path(t.output_dir) / f"{name}{suffix}"
     written = result.adapter.export_lora(path, lora_format=config.export.lora_format,
                                          network_alpha=config.network.network_alpha,
-                                         metadata=lora_metadata(config, result))
+                                         metadata=lora_metadata(config, result),
+                                         save_dtype=save_dtype(config))
     tqdm.write(f"LoRA ({config.export.lora_format} format) written to {written}")
     return Path(written)
 

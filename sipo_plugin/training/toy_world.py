@@ -67,7 +67,8 @@ def evaluate_run(config: Config, result: TrainResult) -> dict:
     adapter = result.adapter
     pipe = adapter.sampling_pipeline()
     prompts, seeds = eval_set(toy.eval_samples)
-    kwargs = {"num_inference_steps": toy.num_inference_steps, "guidance_scale": toy_guidance(config)}
+    kwargs = {"num_inference_steps": toy.num_inference_steps, "guidance_scale": toy_guidance(config),
+              **adapter.sampling_kwargs()}
     if config.network.finetune == "full":  # no adapter to switch off: sample a fresh base
         base_pipe = type(adapter).load(config.model, device=adapter.device).sampling_pipeline()
         base = sample_images(base_pipe, prompts, seeds, **kwargs)
