@@ -137,7 +137,7 @@ def test_diffusers_layout_folds_alpha_into_lora_b():
     "bad_key",
     [
         "conv_in.weight",  # a base weight: not a LoRA key
-        "mid_block.attentions.0.proj_in.lora_magnitude_vector",  # DoRA
+        "mid_block.attentions.0.proj_in.lora_magnitude_vector",  # DoRA magnitude without its LoRA
         "unet.mid_block.attentions.0.proj_in.lora_A.weight",  # diffusers file layout
     ],
 )

@@ -33,4 +33,9 @@ def peft_to_diffusers(
         up = pair.up.detach().cpu()
         out[f"{prefix}.{path}.lora_A.weight"] = pair.down.detach().cpu().contiguous()
         out[f"{prefix}.{path}.lora_B.weight"] = (up.float() * scale).to(up.dtype).contiguous()
+        if pair.magnitude is not None:  # DoRA, in peft's own shape ([out], conv [1, out, 1, 1])
+            # and key (transformers' text-encoder loader needs the ".weight")
+            shape = (1, -1, 1, 1) if pair.down.ndim == 4 else (-1,)
+            out[f"{prefix}.{path}.lora_magnitude_vector.weight"] = (
+                pair.magnitude.detach().cpu().reshape(shape).contiguous())
     return out

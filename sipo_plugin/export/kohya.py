@@ -48,7 +48,8 @@ def peft_to_kohya(
     same scale for every loader, and diffusers' kohya converter (0.42) drops per-module alphas.
     Text-encoder prefixes (``lora_te*``) name modules in the original CLIP layout
     (``lora_te_text_model_encoder_...``) also for transformers 5's flattened CLIPTextModel.
-    Raises ValueError on keys that are not plain LoRA A/B weights.
+    DoRA magnitudes become ``.dora_scale`` [out, 1(, 1, 1)].
+    Raises ValueError on keys that are not LoRA A/B weights or DoRA magnitudes.
     """
     pairs = split_peft_state_dict(state_dict)
     alphas = {module: alpha_for(alpha, module) for module in pairs}
@@ -65,4 +66,8 @@ def peft_to_kohya(
         out[f"{name}.lora_down.weight"] = pair.down.detach().cpu().contiguous()  # [r, in, ...]
         out[f"{name}.lora_up.weight"] = up.contiguous()  # [out, r, ...]
         out[f"{name}.alpha"] = torch.tensor(shared, dtype=torch.float32)  # 0-dim
+        if pair.magnitude is not None:  # DoRA: one magnitude per output, [out, 1, ...] as
+            # ComfyUI's weight_decompose reads it on the output axis (peft's DoRA axis)
+            out[f"{name}.dora_scale"] = pair.magnitude.detach().cpu().reshape(
+                up.shape[0], *[1] * (up.ndim - 1)).contiguous()
     return out

@@ -39,6 +39,8 @@ def _renamed_modules(state: dict[str, torch.Tensor], alphas: dict[str, float],
     for module, pair in split_peft_state_dict(state).items():
         new_state[f"{module_name(module)}.lora_A.weight"] = pair.down
         new_state[f"{module_name(module)}.lora_B.weight"] = pair.up
+        if pair.magnitude is not None:
+            new_state[f"{module_name(module)}.lora_magnitude_vector"] = pair.magnitude
     return new_state, {module_name(module): alpha for module, alpha in alphas.items()}
 
 

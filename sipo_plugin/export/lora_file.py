@@ -14,7 +14,7 @@ Layouts (keys):
   kohya      ``lora_unet_<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-dim;
              missing: alpha = rank) / ``.dora_scale`` (DoRA magnitude, [out, 1, ...]); text encoders
              ``lora_te_`` (SD1.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL)
-  diffusers  ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` / ``.lora_magnitude_vector``;
+  diffusers  ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` / ``.lora_magnitude_vector(.weight)``;
              ``text_encoder.`` / ``text_encoder_2.``; no alpha (scale folded into lora_B: alpha = rank)
 """
 
@@ -32,7 +32,8 @@ KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": 
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
                "dora_scale": "magnitude"}
-DIFFUSERS_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "magnitude"}
+DIFFUSERS_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up",
+                   "lora_magnitude_vector.weight": "magnitude", "lora_magnitude_vector": "magnitude"}
 SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 # LyCORIS and other adapters that are not LoRA, told apart by their key parts
 FOREIGN_PARTS = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with Tucker decomposition",
@@ -196,7 +197,7 @@ def summarize_lora_file(path: Path) -> LoraFileSummary:
 @dataclass
 class LoraModule:
     """One module of a LoRA file: down [r, in(, kh, kw)], up [out, r(, 1, 1)], its alpha, and the
-    DoRA magnitude (flat [out]) or None."""
+    DoRA magnitude (as stored: [out], [out, 1, ...] or peft's conv [1, out, 1, 1]) or None."""
 
     down: object
     up: object
@@ -220,6 +221,5 @@ def load_lora_modules(path: Path) -> dict[str, dict[str, LoraModule]]:
     for (component, name), p in sorted(parts.items()):
         rank = int(p["down"].shape[0])
         alpha = float(p["alpha"]) if "alpha" in p else float(rank)
-        magnitude = p["magnitude"].flatten() if "magnitude" in p else None
-        out.setdefault(component, {})[name] = LoraModule(p["down"], p["up"], alpha, magnitude)
+        out.setdefault(component, {})[name] = LoraModule(p["down"], p["up"], alpha, p.get("magnitude"))
     return out

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_PEFT_KEY = re.compile(
+    r"^(?P<module>.+)\.(lora_(?P<which>[AB])\.weight|(?P<magnitude>lora_magnitude_vector)(\.weight)?)$")
 _PEFT_MODEL_PREFIX = "base_model.model."
 _PIPELINE_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 # transformers >= 5 flattens CLIPTextModel (no `text_model.` level); LoRA files keep the original
@@ -18,10 +19,12 @@ _FLAT_CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
 
 @dataclass(frozen=True)
 class LoraPair:
-    """One adapted module: down = lora_A [r, in, (kh, kw)], up = lora_B [out, r, (1, 1)]."""
+    """One adapted module: down = lora_A [r, in, (kh, kw)], up = lora_B [out, r, (1, 1)], and for
+    DoRA the magnitude, one value per output [out] (None: plain LoRA)."""
 
     down: torch.Tensor
     up: torch.Tensor
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -31,7 +34,7 @@ class LoraPair:
 def _unmappable(key: str, why: str) -> ValueError:
     return ValueError(
         f"cannot map LoRA key {key!r}: {why}; pass peft.get_peft_model_state_dict(model) of one "
-        f"plain LoRA adapter (DoRA, LoRA bias and embedding LoRA are not supported)"
+        f"LoRA or DoRA adapter (LoRA bias and embedding LoRA are not supported)"
     )
 
 
@@ -39,6 +42,7 @@ def split_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
     """``<module>.lora_A.weight`` / ``.lora_B.weight`` -> {module path: LoraPair}, sorted."""
     downs: dict[str, torch.Tensor] = {}
     ups: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         match = _PEFT_KEY.match(key)
         if match is None:
@@ -46,7 +50,12 @@ def split_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
         module = match["module"].removeprefix(_PEFT_MODEL_PREFIX)
         if module.startswith(_PIPELINE_PREFIXES):
             raise _unmappable(key, "pipeline-prefixed (diffusers file layout); strip the prefix")
+        if match["magnitude"]:
+            magnitudes[module] = tensor.flatten()
+            continue
         (downs if match["which"] == "A" else ups)[module] = tensor
+    for module in sorted(magnitudes.keys() - downs.keys()):
+        raise _unmappable(f"{module}.lora_magnitude_vector", "a DoRA magnitude without its lora_A")
     for module in sorted(downs.keys() ^ ups.keys()):
         have, lack = ("lora_A", "lora_B") if module in downs else ("lora_B", "lora_A")
         raise _unmappable(f"{module}.{have}.weight", f"no matching {lack}")
@@ -58,7 +67,11 @@ def split_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, L
                 f"{module}.lora_A.weight",
                 f"inconsistent shapes lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)}",
             )
-        pairs[module] = LoraPair(down, up)
+        magnitude = magnitudes.get(module)
+        if magnitude is not None and magnitude.numel() != up.shape[0]:
+            raise _unmappable(f"{module}.lora_magnitude_vector",
+                              f"{magnitude.numel()} magnitudes for {up.shape[0]} outputs")
+        pairs[module] = LoraPair(down, up, magnitude)
     if not pairs:
         raise ValueError("empty LoRA state dict: the model has no LoRA layers to export")
     return pairs
@@ -87,8 +100,6 @@ def _active_adapter(layer, name: str) -> str | None:
     if len(adapters) != 1:
         raise ValueError(f"{name}: {len(adapters)} active LoRA adapters {adapters}; export one")
     adapter = adapters[0]
-    if layer.use_dora.get(adapter, False):
-        raise ValueError(f"{name}: DoRA adapters cannot be exported as plain LoRA")
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"{name}: LoRA with lora_bias=True cannot be exported as plain LoRA")
     if adapter in getattr(layer, "lora_embedding_A", {}):
@@ -115,6 +126,9 @@ def lora_state_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
         module = name.removeprefix(_PEFT_MODEL_PREFIX)
         state[f"{module}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
         state[f"{module}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+        if layer.use_dora.get(adapter, False):
+            state[f"{module}.lora_magnitude_vector"] = (
+                layer.lora_magnitude_vector[adapter].weight.detach().flatten())
         alphas[module] = float(layer.scaling[adapter]) * layer.r[adapter]
     if not state:
         raise ValueError(f"{type(model).__name__} has no active LoRA layers to export")

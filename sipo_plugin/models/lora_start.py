@@ -27,7 +27,7 @@ import torch
 from ..export.kohya import kohya_module_name
 from ..export.lora_file import LoraFileError, LoraModule, load_lora_modules, summarize_lora_file
 from ..export.peft_state import clip_text_path
-from .peft_lora import TRAINED_ADAPTER, inject_lora, lora_config
+from .peft_lora import TRAINED_ADAPTER, inject_lora, lora_config, set_active_lora
 
 LOCON_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # sd-scripts' conv targets
 KOHYA_PREFIXES = {"unet": ("lora_unet",), "text_encoder": ("lora_te", "lora_te1"),
@@ -111,11 +111,13 @@ def _checked(file: Path, name: str, module: torch.nn.Module, lora: LoraModule) -
             f"network_weights {file}: '{name}' has lora_down {tuple(lora.down.shape)} / lora_up "
             f"{tuple(lora.up.shape)}, the model's layer needs {down} / {up} (a LoRA for another "
             "base model or rank layout?)")
-    if lora.magnitude is not None and tuple(lora.magnitude.shape) != magnitude:
+    out = magnitude[0]
+    output_axis = {(out,), (out, 1), (out, 1, 1, 1), (1, out, 1, 1)}  # kohya / peft layouts
+    if lora.magnitude is not None and tuple(lora.magnitude.shape) not in output_axis:
         raise LoraFileError(
-            f"network_weights {file}: '{name}' has a DoRA scale of {lora.magnitude.numel()} values, "
-            f"the layer has {magnitude[0]} outputs (DoRA on the input axis, LyCORIS "
-            "wd_on_out = false, is not supported)")
+            f"network_weights {file}: '{name}' has a DoRA scale of shape "
+            f"{tuple(lora.magnitude.shape)}, not one value per output of its {out} (DoRA on the "
+            "input axis, LyCORIS wd_on_out = false, is not supported)")
     return lora
 
 
@@ -181,4 +183,6 @@ def inject_from_file(models: dict[str, torch.nn.Module], file: Path, *, family: 
         for adapter in adapters:
             inject_lora(models[component], config, adapter)
             copy_file_weights(models[component], modules, adapter)
+        # peft marks every injected adapter trainable: only the first trains and is active
+        set_active_lora(models[component], adapters[0], trainable=True)
     return sorted(resolved)

@@ -7,6 +7,7 @@ downloaded; without one diffusers fetches its base model's configs).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,7 +181,18 @@ class SD15Adapter(ModelAdapter):
         return {"clip_skip": skip} if skip else {}
 
     def network_metadata(self, config) -> dict[str, str]:
-        return {"ss_clip_skip": str(self.clip_skip)}
+        """ss_clip_skip; LoCon / DoRA settings in ss_network_args as sd-scripts / LyCORIS write
+        them (a JSON object of strings)."""
+        out = {"ss_clip_skip": str(self.clip_skip)}
+        n = getattr(config, "network", None)
+        args = {}
+        if n is not None and n.conv_dim:
+            args.update(conv_dim=str(n.conv_dim), conv_alpha=f"{n.conv_alpha:g}")
+        if n is not None and n.use_dora:
+            args["dora_wd"] = "True"
+        if args:
+            out["ss_network_args"] = json.dumps(args)
+        return out
 
     def make_noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
                    ) -> NoisyBatch:

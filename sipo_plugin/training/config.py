@@ -458,7 +458,12 @@ def load_config(preset: str | Path | None, overrides: list[str] | None = None, *
     if unused:
         print(f"note: not used here (sd-scripts settings with no counterpart): {', '.join(unused)}")
     sections = {s: _build_section(s, raw.get(s, {}), where) for s in SECTIONS}
-    return Config(**sections, source=where)
+    config = Config(**sections, source=where)
+    from .network_start import LoraFileError, resolve_network_weights
+    try:  # the LoRA a run starts from sets its rank, alpha, conv layers, DoRA, text encoders
+        return resolve_network_weights(config)
+    except LoraFileError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _validate(config: Config) -> None:
@@ -546,10 +551,6 @@ def _validate_network_start_and_layers(config: Config) -> None:
     if t.reference == "initial" and not n.network_weights:
         raise ConfigError(f"{where}: reference = \"initial\" is the LoRA of network_weights, frozen; "
                           "set network_weights to a LoRA file, or reference = \"base\"")
-    pending = [k for k, v in (("network_weights", n.network_weights), ("conv_dim", n.conv_dim),
-                              ("use_dora", n.use_dora)) if v]
-    if pending:  # TEMPORARY (issue 12.3/12.5 in progress on branch sdB): keys land first
-        raise ConfigError(f"{where}: {', '.join(pending)}: not available in this version yet")
     if n.network_weights:
         file = network_weights_file(n.network_weights)
         if not file.is_file() or file.suffix != ".safetensors":

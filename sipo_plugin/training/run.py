@@ -64,8 +64,11 @@ def export(config: Config, result: TrainResult, name: str = "") -> Path:
         return Path(written)
     suffix = ".safetensors" if config.export.lora_format == "kohya" else ""
     path = Path(t.output_dir) / f"{name}{suffix}"
+    n = config.network
+    # LoCon and started-from-file LoRAs carry per-module alphas: each module's own is exported
+    uniform_alpha = None if (n.conv_dim or n.network_weights) else n.network_alpha
     written = result.adapter.export_lora(path, lora_format=config.export.lora_format,
-                                         network_alpha=config.network.network_alpha,
+                                         network_alpha=uniform_alpha,
                                          metadata=lora_metadata(config, result),
                                          save_dtype=save_dtype(config))
     tqdm.write(f"LoRA ({config.export.lora_format} format) written to {written}")
