@@ -207,3 +207,20 @@ def test_optimizer_args_are_python_literals():
     assert parse_key_values(["betas=0.9,0.99", "decouple=True", "d_coef=2", "mode=fast"],
                             "optimizer_args", "x") == {"betas": (0.9, 0.99), "decouple": True,
                                                        "d_coef": 2, "mode": "fast"}
+
+
+def test_refinement_keys_map_when_the_config_has_them():
+    """clip_skip, save_precision, network_weights and LoCon's network_args conv_dim / conv_alpha
+    pass on to settings of those names once they exist, and are listed as not used before."""
+    from sipo_plugin.sdscripts.config_file import translate
+    flat = {"network_args": ["conv_dim=4", "conv_alpha=2", "algo=locon"], "clip_skip": 2,
+            "save_precision": "fp16", "network_weights": "style.safetensors"}
+    mapped, unused = translate(flat, "f.toml", {"conv_dim", "conv_alpha", "clip_skip",
+                                                "save_precision", "network_weights"})
+    assert mapped == {"conv_dim": 4, "conv_alpha": 2, "clip_skip": 2, "save_precision": "fp16",
+                      "network_weights": "style.safetensors"}
+    assert unused == ["network_args algo"]
+    mapped, unused = translate({**flat, "clip_skip": 1}, "f.toml", set())
+    assert mapped == {}
+    assert unused == ["network_args conv_dim", "network_args conv_alpha", "network_args algo",
+                      "save_precision", "network_weights"]  # clip_skip 1 is sd-scripts' default
