@@ -8,7 +8,8 @@ setup(
     packages=find_packages(include=["sipo_plugin", "sipo_plugin.*"]),
     py_modules=["train_sipo"],
     include_package_data=True,
-    package_data={"sipo_plugin.toy": ["model/*.json", "model/*/*", "vocab/*"]},
+    package_data={"sipo_plugin.toy": ["model/*.json", "model/*/*", "vocab/*"],
+                  "sipo_plugin.pairs.label": ["static/*"]},
     python_requires=">=3.10",
     # torch is deliberately unpinned here: CI and the quick start install the CPU wheel
     # (torch==2.13.0) first; GPU users install their own CUDA build before this package.
