@@ -34,8 +34,9 @@ setup(
         "video": ["av"],  # PyAV: decoding video pairs (cogvideox, wan)
         "pickapic": ["pyarrow>=14"],  # reading Pick-a-Pic v2 parquet shards
         # bitsandbytes runs on CPU too (8-bit states only for tensors of 4096+ elements)
+        # selenium drives the system Chromium in the labelling page's browser test
         "test": ["pytest>=7", "av", "pyarrow>=14", "bitsandbytes", "tensorboard", "wandb>=0.17",
-                 "prodigyopt>=1.0"],
+                 "prodigyopt>=1.0", "selenium>=4.10"],
     },
     entry_points={"console_scripts": ["sipo-train=train_sipo:main",
                                      "sipo-pairs=sipo_plugin.pairs.cli:main"]},

@@ -30,7 +30,7 @@ def write_candidates(folder: Path, sizes: list[int], size: int = 8) -> list[Cand
         for c in range(k):
             cid = candidate_id(p, c)
             Image.new("RGB", (size, size), colour(p, c)).save(folder / "images" / f"{cid}.png")
-            record = Candidate(id=cid, prompt=f"a red square, take {p}", prompt_index=p,
+            record = Candidate(id=cid, prompt=f"a red disc, take {p}", prompt_index=p,
                                candidate_index=c, seed=1000 * p + c, path=f"images/{cid}.png",
                                latents=f"latents/{cid}.safetensors")
             append_candidate(folder, record)

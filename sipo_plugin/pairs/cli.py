@@ -22,17 +22,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's module is imported (the others may
+    import torch, seconds on a cold start: `sipo-pairs label` starts without it)."""
     parser = argparse.ArgumentParser(prog="sipo-pairs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_line) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_line, description=help_line)
-        importlib.import_module(f"sipo_plugin.pairs.{module}").add_arguments(sub_parser)
+        if command in (None, name):
+            importlib.import_module(f"sipo_plugin.pairs.{module}").add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     module, _ = SUBCOMMANDS[args.command]
     return importlib.import_module(f"sipo_plugin.pairs.{module}").run(args)
 

@@ -245,9 +245,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward_weight", action="append", default=[], metavar="NAME=W",
                         help="weight of a scored reward in the combined z-score (repeatable); "
                         "without it every scored reward counts with weight 1")
+    # --from-labels: issue 14 (sipo_plugin.pairs.label.export)
+    parser.add_argument("--from-labels", "--from_labels", dest="from_labels", action="store_true",
+                        help="pairs from hand labels (DIR/labels.jsonl, `sipo-pairs label`); "
+                        "with reward scores too, labels win and unlabelled prompts use the scores")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_labels:
+        return _run_from_labels(args)
     try:
         counts = make_manifest(args.candidates, args.out, strategy=args.strategy,
                                min_margin=args.min_margin, weights=parse_weights(args.reward_weight))
@@ -255,4 +261,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"{counts.summary()}: {args.out} (margins: {histogram_path(Path(args.out))})")
+    return 0
+
+
+def _run_from_labels(args: argparse.Namespace) -> int:
+    from .label.export import write_label_manifest
+    try:
+        summary = write_label_manifest(args.candidates, args.out, strategy=args.strategy,
+                                       min_margin=args.min_margin,
+                                       weights=parse_weights(args.reward_weight))
+    except (CandidatesError, ScoresError, PairDataError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{summary}: {args.out}")
     return 0
