@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -15,6 +18,8 @@ from sipo_plugin.pairs.candidates import Candidate, append_candidate, candidate_
 from sipo_plugin.pairs.label.server import make_server
 from sipo_plugin.pairs.label.session import LabelSession
 from sipo_plugin.pairs.label.store import LabelLog
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def colour(prompt_index: int, candidate_index: int) -> tuple[int, int, int]:
@@ -88,3 +93,14 @@ def prefer_by_colour(records: list[Candidate], pair: dict) -> str:
     """The outcome a consistent labeller gives: the higher candidate_index (redder) wins."""
     index = {r.id: r.candidate_index for r in records}
     return "left" if index[pair["left"]["id"]] > index[pair["right"]["id"]] else "right"
+
+
+def start_cli(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`sipo-pairs label --candidates folder` in a subprocess; (process, page address)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sipo_plugin.pairs", "label", "--candidates", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in process.stdout:
+        if match := re.search(r"open (http://\S+)", line):
+            return process, match.group(1).rstrip("/")
+    raise AssertionError(process.stderr.read())

@@ -8,22 +8,17 @@ the screenshot it takes to docs/label-page.png (the README shows it).
 
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from label_helpers import write_candidates
+from label_helpers import ROOT, start_cli, write_candidates
 from PIL import Image, ImageDraw
 
 from sipo_plugin.pairs.cli import main as sipo_pairs
 from sipo_plugin.pairs.label.store import read_labels
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -62,16 +57,6 @@ def _draw_candidates(folder: Path) -> None:
     text = (folder / "candidates.jsonl").read_text()
     (folder / "candidates.jsonl").write_text(text.replace('"images/p00000-c01.png"',
                                                           '"images/p00000-c01"'))
-
-
-def _start_server(folder: Path, port: int = 0):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sipo_plugin.pairs", "label", "--candidates", str(folder),
-         "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in process.stdout:
-        if match := re.search(r"open (http://\S+)", line):
-            return process, match.group(1)
-    raise AssertionError(process.stderr.read())
 
 
 def _browser(profile: Path):
@@ -122,7 +107,7 @@ def test_label_in_chromium_kill_restart_finish_export(tmp_path):
 
     folder = tmp_path / "candidates"
     _draw_candidates(folder)
-    server, url = _start_server(folder)
+    server, url = start_cli(folder)
     driver = _browser(tmp_path / "profile")
     try:
         page = Page(driver)
@@ -150,7 +135,7 @@ def test_label_in_chromium_kill_restart_finish_export(tmp_path):
         page.wait.until(lambda _: "not reachable" in page.message())
         assert len(read_labels(folder)[1]) == done_before_kill
 
-        server, url = _start_server(folder)  # restart (another free port) and reload
+        server, url = start_cli(folder)  # restart (another free port) and reload
         page.load(url)
         assert int(page.attr("done")) == done_before_kill
         while page.attr("status") == "ready":

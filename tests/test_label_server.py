@@ -8,16 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
-from label_helpers import (api, label_current, prefer_by_colour, request, running_server,
-                           write_candidates)
+from label_helpers import (ROOT, api, label_current, prefer_by_colour, request, running_server,
+                           start_cli, write_candidates)
 
 from sipo_plugin.pairs.label.store import LABELS_FILE, LabelLog, LabelsError, read_labels
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _lines(folder):
     return (folder / LABELS_FILE).read_bytes()
@@ -224,19 +220,9 @@ def test_torn_last_line_is_cut_and_lock_is_exclusive(tmp_path):
         read_labels(tmp_path)
 
 
-def _start_cli(folder):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sipo_plugin.pairs", "label", "--candidates", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in process.stdout:
-        if match := re.search(r"open (http://\S+)", line):
-            return process, match.group(1).rstrip("/")
-    raise AssertionError(process.stderr.read())
-
-
 def test_cli_second_server_refused_kill_and_resume(tmp_path):
     records = write_candidates(tmp_path, [2, 2, 2])
-    process, base = _start_cli(tmp_path)
+    process, base = start_cli(tmp_path)
     try:
         _, state = api(base + "/api/state")
         status, state = label_current(base, state, prefer_by_colour(records, state["pair"]))
@@ -250,7 +236,7 @@ def test_cli_second_server_refused_kill_and_resume(tmp_path):
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-    process, base = _start_cli(tmp_path)  # the kernel released the dead server's lock
+    process, base = start_cli(tmp_path)  # the kernel released the dead server's lock
     try:
         _, state = api(base + "/api/state")
         assert state["progress"]["total"] == {"done": 1, "planned": 3}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sipo_plugin.pairs.candidates import Candidate, read_candidates
-from sipo_plugin.pairs.label.schedule import SKIP, TIE, best_and_worst, pair_key, plan_prompt
+from sipo_plugin.pairs.label.schedule import SKIP, best_and_worst, pair_key, plan_prompt
 from sipo_plugin.pairs.label.session import decisions_of, group_by_prompt
 from sipo_plugin.pairs.label.store import LABELS_FILE, LabelsError, read_labels
 
