@@ -95,10 +95,11 @@ def prefer_by_colour(records: list[Candidate], pair: dict) -> str:
     return "left" if index[pair["left"]["id"]] > index[pair["right"]["id"]] else "right"
 
 
-def start_cli(folder: Path) -> tuple[subprocess.Popen, str]:
+def start_cli(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """`sipo-pairs label --candidates folder` in a subprocess; (process, page address)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "sipo_plugin.pairs", "label", "--candidates", str(folder)],
+        [sys.executable, "-m", "sipo_plugin.pairs", "label", "--candidates", str(folder),
+         *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     for line in process.stdout:
         if match := re.search(r"open (http://\S+)", line):

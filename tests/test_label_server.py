@@ -259,3 +259,14 @@ def test_cli_one_line_errors(tmp_path):
     result = run("--candidates", str(tmp_path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "p00000-c01.png: candidate p00000-c01 has no file (1 of 2 missing)" in result.stderr
+
+
+def test_cli_host_other_than_loopback_warns_in_one_line(tmp_path):
+    write_candidates(tmp_path, [2])
+    process, base = start_cli(tmp_path, "--host", "0.0.0.0")
+    port = base.rsplit(":", 1)[1]
+    assert api(f"http://127.0.0.1:{port}/api/state")[0] == 200
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert re.fullmatch(rf"warning: --host 0.0.0.0 serves this page to every machine that can "
+                        rf"reach port {port}: .*\n", err)
