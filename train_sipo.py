@@ -6,6 +6,7 @@
     python train_sipo.py --preset P --check      # validate the preset and overrides, then stop
     python train_sipo.py --preset P --analyze    # importance weights, mask, gradient per timestep
     python train_sipo.py --config_file sd_scripts.toml [--dataset_config pairs.toml]  # sd-scripts'
+    python train_sipo.py --preset P --evaluate   # base vs base + LoRA, scored by the rewards
 
 Any preset key can be overridden: --learning_rate 5e-5, --learning_rate=5e-5, --training.max_train_steps
 200, --objective dpo-cm, --beta 2500 (an objective hyper-parameter), --cache_latents (a bare flag is
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of training: per timestep bucket, the importance weights, "
                         "the masked fraction and each objective's per-pair gradient norm "
                         "(<output_dir>/analysis/); with --resume, of a checkpoint's LoRA")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="instead of training: sample the base model and the base with a LoRA "
+                        "(eval_network_weights, else the run's export) with the same seeds, score "
+                        "every reward ([evaluate]) into <output_dir>/eval.json and a grid PNG")
     parser.add_argument("--analysis-pairs", type=int, default=64, help="pairs analysed (--analyze)")
     parser.add_argument("--analysis-buckets", type=int, default=10,
                         help="timestep buckets over the schedule (--analyze)")
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from sipo_plugin.analysis import run_analysis
             run_analysis(config, n_pairs=args.analysis_pairs, n_buckets=args.analysis_buckets,
                          grad_pairs=args.analysis_grad_pairs)
+            return 0
+        if args.evaluate:
+            from sipo_plugin.training.run import evaluate_only
+            evaluate_only(config)
             return 0
         run(config)
     except (PairDataError, NonFiniteLossError, ValueError, OSError) as err:

@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+TOY_GUIDANCE = 3.0  # the demo's guidance for pairs and evaluation
+
 # variant -> (registered objective, fixed hyper-parameters, takes beta)
 VARIANTS = {
     "sft": ("sft", {}, False),
@@ -181,17 +183,16 @@ def evaluate_snapshots(spec: RunSpec, config, result, snapshots: dict) -> dict[i
     from sipo_plugin.toy.evaluate import eval_set, evaluate
     from sipo_plugin.toy.pipeline import sample_images
     from sipo_plugin.training.loop import load_lora_state
-    from sipo_plugin.training.toy_world import TOY_GUIDANCE
 
     base = load_images(spec.base_images)
-    prompts, seeds = eval_set(config.toy.eval_samples)
+    prompts, seeds = eval_set(config.evaluate.eval_samples)
     pipe = result.adapter.sampling_pipeline()
     out = {}
     for step, state in sorted(snapshots.items()):
         load_lora_state(result.adapter, state)
         tuned = sample_images(pipe, prompts, seeds, guidance_scale=TOY_GUIDANCE,
                               num_inference_steps=spec.settings.eval_inference_steps)
-        out[step] = evaluate(base, tuned, prompts, config.toy.reward)
+        out[step] = evaluate(base, tuned, prompts, "colour")
     return out
 
 
@@ -253,14 +254,19 @@ def ensure_early_model(out: Path, s: Settings) -> Path:
 
 
 def ensure_pairs(out: Path, data: str, pair_model: str, s: Settings) -> Path:
-    """Pair data of one kind via the trainer's own toy hook (reused when the settings match)."""
+    """Pair data of one kind through the trainer's [pairs] path: the toy prompts, two candidates
+    each from ``pair_model``, labelled by the colour reward (resumable: reused when present)."""
+    from sipo_plugin.pairs.onpolicy import make_training_pairs
     from sipo_plugin.training.config import load_config
-    from sipo_plugin.training.toy_world import ensure_toy_pairs
 
-    manifest = out / "pairs" / f"{data}_{s.num_pairs}" / "pairs.jsonl"
-    config = load_config(None, ["--train_data", str(manifest), "--generate_pairs", "true",
-                                "--pair_model", pair_model, "--num_pairs", str(s.num_pairs)])
-    return ensure_toy_pairs(config)
+    folder = out / "pairs" / f"{data}_{s.num_pairs}"
+    config = load_config(None, [
+        "--train_data", str(folder / "pairs.jsonl"), "--pretrained_model_name_or_path", pair_model,
+        "--pairs_prompts", "toy", "--num_prompts", str(s.num_pairs), "--candidates", "2",
+        "--rewards", '["colour"]', "--candidates_dir", str(folder / "candidates"),
+        "--sampler", "ddim", "--sampler_steps", "20", "--guidance_scale", str(TOY_GUIDANCE),
+        "--sample_batch_size", "64"])
+    return make_training_pairs(config)
 
 
 def load_images(path: str):
@@ -274,7 +280,6 @@ def ensure_base_images(out: Path, s: Settings) -> Path:
 
     from sipo_plugin.toy.evaluate import eval_set
     from sipo_plugin.toy.pipeline import load_toy_pipeline, sample_images
-    from sipo_plugin.training.toy_world import TOY_GUIDANCE
     from sipo_plugin.utils.io import atomic_write_bytes
 
     path = out / f"base_eval_{s.eval_samples}_{s.eval_inference_steps}steps.safetensors"

@@ -93,8 +93,9 @@ def test_full_finetune_config_errors(manifest, tmp_path):
 def test_toy_evaluation_of_a_full_finetune_samples_a_fresh_base(manifest, tmp_path):
     from sipo_plugin.training.run import run
     summary = run(short_run(manifest, tmp_path, "--finetune", "full", "--max_train_steps", "2",
-                            "--evaluate", "true", "--eval_samples", "4",
-                            "--num_inference_steps", "2"))
+                            "--eval_after_training", "true", "--eval_samples", "4",
+                            "--eval_prompts", "toy", "--eval_rewards", '["colour"]',
+                            "--sampler_steps", "2"))
     stats = summary["eval"]
     assert stats["n_samples"] == 4 and (tmp_path / "eval.json").is_file()
     assert stats["tuned_reward"] != stats["base_reward"]  # the tuned U-Net samples differently

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import read_pairs
+from ..data.cache import batch_latents
 from ..models import get_model_adapter
 from ..models.base import repeat_pair
 from ..objectives import get_objective, per_sample_error
@@ -86,7 +87,7 @@ def bucket_batch(adapter, params, reference, batch, bucket: int, n_buckets: int,
     scheduler = adapter.noise_scheduler
     n_t = num_train_timesteps(scheduler)
     with torch.no_grad():
-        latents = adapter.encode_images(batch["pixel_values"], generator)
+        latents = batch_latents(adapter, batch, generator)
         cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
     b = latents.shape[0] // 2
     noise, drawn = adapter.draw_noise_and_timesteps(latents[:b].shape, generator)
@@ -193,8 +194,8 @@ def load_for_analysis(config):
 
 
 def analysis_records(config, n_pairs: int):
-    if config.toy.generate_pairs:
-        from ..training.toy_world import ensure_toy_pairs
-        ensure_toy_pairs(config)
+    if config.pairs.pairs_prompts:
+        from ..pairs.onpolicy import make_training_pairs
+        make_training_pairs(config)
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
     return records[:n_pairs]

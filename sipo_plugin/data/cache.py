@@ -31,7 +31,7 @@ from ..utils.seeding import seeded_generator
 
 LATENT_STREAM = -3  # generator key of the cached VAE posterior samples: (seed, LATENT_STREAM, i, side)
 # batch keys the cache rebuilds itself; every other tensor of a one-pair batch is passed through
-_BATCH_KEYS = ("pixel_values", "prompts", "weights", "indices", "index")
+_BATCH_KEYS = ("pixel_values", "latents", "prompts", "weights", "indices", "index")
 
 
 def batch_latents(adapter, batch: dict, generators) -> torch.Tensor:
@@ -113,13 +113,13 @@ def build_latent_cache(adapter, dataset, collate: Callable, records, *, seed: in
     reused = 0
     for i, record in enumerate(records):
         key = fingerprint([settings, seed, file_identity(record.chosen),
-                           file_identity(record.rejected)])
+                           file_identity(record.rejected), str(record.chosen_latents or "")])
         if folder is not None and cache.has_valid_file(i, key):
             reused += 1
             continue
         batch = collate([dataset[i]])
         generators = [seeded_generator(seed, LATENT_STREAM, i, side) for side in (0, 1)]
-        entry = {"latents": adapter.encode_images(batch["pixel_values"], generators).cpu(),
+        entry = {"latents": batch_latents(adapter, batch, generators).cpu(),
                  **{f"extra.{k}": v.cpu() for k, v in pair_extras(batch).items()}}
         if folder is None:
             cache.entries[i] = entry

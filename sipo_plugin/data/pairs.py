@@ -36,6 +36,7 @@ from .errors import PairDataError
 from ..objectives.errors import split_pair  # noqa: F401  (the one helper for the layout)
 from .images import IMAGE_EXTENSIONS, fit_to_size, pil_to_tensor
 from .pickapic import read_pickapic
+from .saved_latents import read_latents
 from .sources import ImageReader, ImageSource
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -54,6 +55,10 @@ class PairRecord:
     chosen: ImageSource
     rejected: ImageSource
     weight: float = 1.0
+    # the sampler's final latents of each image (a `sipo-pairs make` manifest); used instead of
+    # a VAE encode when they fit the run (sipo_plugin.data.saved_latents)
+    chosen_latents: Path | None = None
+    rejected_latents: Path | None = None
 
 
 def _has_parquet(folder: Path) -> bool:
@@ -214,7 +219,9 @@ def _record_from_row(row: Mapping[str, object], manifest: Path, line: int) -> Pa
         raise PairDataError(f"{where}: 'prompt' must be a string, got {prompt!r}")
     chosen = _image_path(row["chosen"], "chosen", manifest, where)
     rejected = _image_path(row["rejected"], "rejected", manifest, where)
-    return PairRecord(prompt, chosen, rejected, _parse_weight(row.get("weight"), where))
+    latents = {key: _image_path(row[key], key, manifest, where)
+               for key in ("chosen_latents", "rejected_latents") if row.get(key)}
+    return PairRecord(prompt, chosen, rejected, _parse_weight(row.get("weight"), where), **latents)
 
 
 def read_jsonl_manifest(path: str | os.PathLike) -> list[PairRecord]:
@@ -295,7 +302,9 @@ class PairDataset(torch.utils.data.Dataset):
         size = self.resolution if self.target_hw is None else self.target_hw[index]
         chosen = fit_to_size(self.reader.open(record.chosen), size, flip=flip)
         rejected = fit_to_size(self.reader.open(record.rejected), size, flip=flip)
-        return {
+        saved = {} if record.chosen_latents is None else {"latents": torch.stack(
+            [read_latents(record.chosen_latents), read_latents(record.rejected_latents)])}
+        return {**saved,
             "prompt": "" if drop_caption else record.prompt,
             "chosen": pil_to_tensor(chosen.image),
             "rejected": pil_to_tensor(rejected.image),
@@ -327,6 +336,9 @@ def collate_pairs(items: Sequence[Mapping]) -> dict:
         "weights": torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32),
         "indices": torch.tensor([int(item["index"]) for item in items], dtype=torch.int64),
     }
+    if "latents" in items[0]:  # saved latents [2, ...] per pair -> [2B, ...], winners first
+        batch["latents"] = torch.cat([torch.stack([item["latents"][side] for item in items])
+                                      for side in (0, 1)])
     if "original_size" in items[0]:
         batch["original_sizes"] = _winners_first(items, "original_size")
         batch["crop_top_lefts"] = _winners_first(items, "crop_top_left")

@@ -47,11 +47,17 @@ def model_identity(model_cfg, network_weights: str | None = None) -> dict:
             "network_sha256": file_sha256(network_weights) if network_weights else None}
 
 
-def write_sample(folder: Path, cid: str, sample) -> tuple[str, str]:
-    """The image (or GIF clip) and the latents of one sample, each atomically; relative paths."""
+def write_sample(folder: Path, cid: str, sample, model: dict) -> tuple[str, str]:
+    """The image (or GIF clip) and the latents of one sample, each atomically; relative paths.
+    The latents carry what they fit (family, base model, size), read by the training data."""
+    from ..data.saved_latents import model_key
     from ..data.video import save_clip
     latents_rel = f"{LATENTS_DIR}/{cid}.safetensors"
-    save_safetensors_atomic({"latents": sample.latents}, folder / latents_rel)
+    width, height = sample.frames[0].size
+    meta = {"family": str(model.get("family", "")), "width": str(width), "height": str(height),
+            "frames": str(len(sample.frames)),
+            "model": model_key(str(model.get("pretrained_model_name_or_path", "")))}
+    save_safetensors_atomic({"latents": sample.latents}, folder / latents_rel, metadata=meta)
     if len(sample.frames) > 1:
         image_rel = f"{IMAGES_DIR}/{cid}.gif"
         save_clip(sample.frames, folder / image_rel)
@@ -103,7 +109,7 @@ def sample_candidates(adapter, entries: list[PromptEntry], out_dir: str | os.Pat
                            [entries[p].negative_prompt for p, _ in batch])
         for (p, c), s, sample in zip(batch, seeds, samples, strict=True):
             cid = candidate_id(p, c)
-            image_rel, latents_rel = write_sample(folder, cid, sample)
+            image_rel, latents_rel = write_sample(folder, cid, sample, model)
             append_candidate(folder, Candidate(
                 id=cid, prompt=entries[p].prompt, prompt_index=p, candidate_index=c, seed=s,
                 path=image_rel, latents=latents_rel,

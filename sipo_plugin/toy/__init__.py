@@ -1,9 +1,9 @@
 """The toy world: a synthetic shapes domain, a tiny bundled SD1.5-architecture pipeline trained on
-it, computable rewards, a preference-pair generator and a before/after evaluator.
+it, computable rewards and a before/after evaluator (pairs come from `sipo_plugin.pairs`).
 
 Light imports only here (numpy, Pillow); the torch / diffusers parts load on first use:
 
-    from sipo_plugin.toy import load_toy_pipeline, sample_images, generate_pairs
+    from sipo_plugin.toy import load_toy_pipeline, sample_images
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ _LAZY = {
     "DEFAULT_STEPS": "pipeline",
     "load_toy_pipeline": "pipeline",
     "sample_images": "pipeline",
-    "generate_pairs": "pairs",
     "build_tokenizer": "tokenizer",
 }
 

@@ -1,17 +1,16 @@
 """Quality report of a toy pipeline: fidelity, reward spread, timings.
 
-    python -m sipo_plugin.toy.report [--model DIR] [--n 256] [--pairs 256] [--grid out.png]
+    python -m sipo_plugin.toy.report [--model DIR] [--n 256] [--grid out.png]
 
 Prints, for base samples (20 DDIM steps, the default guidance): fidelity, each reward's mean,
 its std within a prompt and the mean |difference| between the two images of a pair; the time to
-sample n images, to generate the pairs, and of one LoRA Diffusion-DPO step (4 pairs: U-Net
+sample n images and of one LoRA Diffusion-DPO step (4 pairs: U-Net
 forward on 8 latents with grad, 8 without, backward, AdamW step).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections import defaultdict
 
@@ -20,7 +19,6 @@ import torch
 
 from .evaluate import eval_set
 from .fidelity import fidelity
-from .pairs import generate_pairs
 from .pipeline import DEFAULT_GUIDANCE, load_toy_pipeline, sample_images
 from .rewards import get_reward
 
@@ -88,7 +86,7 @@ def lora_dpo_step_seconds(pipe, n_steps: int = 20, rank: int = 4) -> float:
     return (time.perf_counter() - t0) / n_steps
 
 
-def report(model: str | None, n: int, n_pairs: int, guidance: float, grid: str | None) -> dict:
+def report(model: str | None, n: int, guidance: float, grid: str | None) -> dict:
     pipe = load_toy_pipeline(model)
     prompts, seeds = eval_set(n)
     t0 = time.perf_counter()
@@ -100,10 +98,6 @@ def report(model: str | None, n: int, n_pairs: int, guidance: float, grid: str |
         out[f"{name}_mean"] = float(r.mean())
         out[f"{name}_std_within_prompt"] = within_prompt_std(r, prompts)
         out[f"{name}_pair_mean_abs_diff"] = pair_mean_abs_diff(r, prompts)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        generate_pairs(pipe, tmp, reward="colour", n_pairs=n_pairs, guidance_scale=guidance)
-        out["pairs_seconds"] = time.perf_counter() - t0
     out["dpo_step_seconds"] = lora_dpo_step_seconds(pipe)
     if grid:
         from .evaluate import save_grid
@@ -117,11 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="pipeline folder (default: the bundled one)")
     p.add_argument("--n", type=int, default=256, help="eval-set images to sample")
-    p.add_argument("--pairs", type=int, default=256, help="pairs to generate (timing)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--grid", default=None, help="write 32 samples as a PNG grid here")
     a = p.parse_args(argv)
-    out = report(a.model, a.n, a.pairs, a.guidance, a.grid)
+    out = report(a.model, a.n, a.guidance, a.grid)
     for k, v in out.items():
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
     return out

@@ -35,6 +35,11 @@ class ConfigError(ValueError):
     """A one-line, user-facing error about the preset or an override."""
 
 
+TOY_MIGRATION = ("{where}: the [toy] section is gone: toy pairs come from the same path as your "
+                 "model's now; write [pairs] pairs_prompts = \"toy\", rewards = [\"colour\"] and "
+                 "[evaluate] eval_after_training = true (see presets/demo.toml)")
+
+
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kwargs)
@@ -242,20 +247,6 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class ToyConfig:
-    generate_pairs: bool = _help(
-        "toy world: sample and label preference pairs into train_data before training", False
-    )
-    pair_model: str = _help("toy world: the model pairs are sampled from", TOY_MODEL)
-    reward: str = _help("toy world: reward that labels pairs (colour, geometry or module:function)", "colour")
-    num_pairs: int = _help("toy world: pairs to generate", 256)
-    pair_seed: int = _help("toy world: seed of pair generation", 0)
-    evaluate: bool = _help("toy world: evaluate base vs tuned after training (eval.json)", False)
-    eval_samples: int = _help("toy world: prompt x seed samples in the evaluation", 128)
-    num_inference_steps: int = _help("toy world: sampler steps for pairs and evaluation", 20)
-
-
-@dataclass(frozen=True)
 class SamplingConfig:
     """How candidates ([pairs], `sipo-pairs sample`) and evaluation samples are drawn."""
     sampler: str = _help(
@@ -274,6 +265,45 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class PairsConfig:
+    """On-policy pairs made before training: sample -> score -> make (sipo_plugin.pairs)."""
+    pairs_prompts: str = _help(
+        "before training, sample candidates of these prompts (a .txt / .jsonl file, or 'toy'), "
+        "score them with 'rewards' and write the pairs to train_data ('': train_data exists)", "")
+    num_prompts: int = _help("prompts sampled, the file's cycled in order (0: each once)", 0)
+    candidates: int = _help("candidates sampled per prompt", 4)
+    pairs_seed: int = _help("base seed of the candidates (each gets its own, recorded)", 0)
+    rewards: list = _help(
+        "rewards that score the candidates, as `sipo-pairs score --reward` specs (see "
+        "--list-rewards); several combine as a sum of per-reward z-scores", [])
+    pair_strategy: str = _help("best_worst (one pair per prompt) or all (every pair over min_margin)",
+                               "best_worst")
+    min_margin: float = _help("all: smallest score margin a pair needs", 0.0)
+    candidates_dir: str = _help("the candidates folder ('': <output_dir>/candidates)", "")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Base vs tuned on fixed (prompt, seed) samples: eval.json, a grid PNG, a reward curve."""
+    eval_after_training: bool = _help(
+        "after training, sample base and tuned with the same seeds and score them (eval.json)", False)
+    eval_prompts: str = _help(
+        "evaluation prompts: a .txt / .jsonl file or 'toy' ('': the held-out training prompts, "
+        "or every training prompt when eval_holdout = 0)", "")
+    eval_holdout: float = _help(
+        "share of the training prompts held out of training for evaluation (with eval_prompts = '')",
+        0.0)
+    eval_samples: int = _help("(prompt, seed) samples evaluated; prompts are cycled", 64)
+    eval_seed: int = _help("base seed of the evaluation samples (the same for base and tuned)", 1234)
+    eval_rewards: list = _help("rewards scored ([]: the [pairs] rewards)", [])
+    eval_network_weights: str = _help(
+        "--evaluate without training: the LoRA evaluated ('': the run's exported LoRA)", "")
+    evaluate_every_n_steps: int = _help(
+        "log the current LoRA's mean reward (eval/<reward>) every N steps and at step 0 (0: off)", 0)
+    eval_curve_samples: int = _help("samples of each reward-curve point (the first eval_samples)", 16)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -281,8 +311,9 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    toy: ToyConfig = field(default_factory=ToyConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     source: str = "<defaults>"  # the preset file, for messages and metadata
 
     def __post_init__(self) -> None:
@@ -299,7 +330,8 @@ class Config:
         return out
 
 
-SECTIONS = ("model", "data", "network", "objective", "training", "export", "toy", "sampling")
+SECTIONS = ("model", "data", "network", "objective", "training", "export", "sampling", "pairs",
+            "evaluate")
 
 
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -442,6 +474,8 @@ def load_config(preset: str | Path | None, overrides: list[str] | None = None, *
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
     raw.pop("run", None)  # the [run] table of a run.toml written by a run: not a setting
     for section, values in raw.items():
+        if section == "toy":
+            raise ConfigError(TOY_MIGRATION.format(where=where))
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown section [{section}]{_closest(section, SECTIONS)}")
         if not isinstance(values, dict):
@@ -510,15 +544,15 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{where}: model_config folder not found: {m.model_config}")
     if not d.train_data:
         raise ConfigError(f"{where}: set [data] train_data to a pair folder or a .jsonl/.csv manifest")
-    if not config.toy.generate_pairs and not Path(d.train_data).exists():
+    if not config.pairs.pairs_prompts and not Path(d.train_data).exists():
         raise ConfigError(f"{where}: train_data not found: {d.train_data} "
                           "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
     _validate_reference_and_caches(config)
     _validate_network_start_and_layers(config)
     _validate_buckets_and_augmentation(config)
-    from ..pairs.sampler import check_sampling_section
-    try:  # [sampling]: a sampler the family has, positive sizes
-        check_sampling_section(config.sampling, m.family)
+    from ..evaluation.checks import check_pairs_and_evaluation
+    try:  # [sampling], [pairs], [evaluate]: ranges, strategies, reward names
+        check_pairs_and_evaluation(config)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     try:  # the objective validates its own hyper-parameters (unknown names, ranges)
@@ -640,6 +674,8 @@ def load_sections(preset: str | Path, sections: tuple[str, ...]) -> dict:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    if "toy" in raw:
+        raise ConfigError(TOY_MIGRATION.format(where=path))
     out = {s: _build_section(s, raw.get(s, {}), str(path)) for s in sections}
     from ..models import available_model_families
     if "model" in out and out["model"].family not in available_model_families():

@@ -38,6 +38,9 @@ from .metrics import MetricsLogger
 from .sampling import save_samples
 from .run_folder import folder_run_id
 from .saving import save_training_state, start_run
+from ..data.saved_latents import use_saved_latents
+from ..evaluation.holdout import training_records
+from ..evaluation.hooks import TrainingEvaluation
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -283,6 +286,8 @@ def train(config: Config) -> TrainResult:
     start = checkpoint["step"] if checkpoint else 0
 
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
+    records = training_records(config, records)  # without the prompts held out for evaluation
+    records = use_saved_latents(config, records, log.info)  # candidates' latents: no VAE encode
     if len(records) < t.train_batch_size:
         raise ValueError(f"{config.data.train_data}: {len(records)} pairs, fewer than "
                          f"train_batch_size = {t.train_batch_size}")
@@ -333,6 +338,8 @@ def train(config: Config) -> TrainResult:
     progress = tqdm(total=t.max_train_steps, initial=start, desc=objective.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     step, micro_step = start, 0
+    evaluation = TrainingEvaluation(config, adapter, log, accelerator)
+    evaluation.at_start(step)  # step-0 sample images and reward-curve point (the base model)
     for batch in loader:
         draws = pair_generators(batch, PairDraws.for_batch(t.seed, step, micro_step % micro,
                                                            batch["indices"]), t.seed)
@@ -352,6 +359,7 @@ def train(config: Config) -> TrainResult:
             if accelerator.is_main_process:
                 with adapter.encoders_on_device():  # cached runs released the VAE / text encoders
                     save_samples(adapter, t, step)
+        evaluation.after_step(step)
         if t.save_every_n_steps and (step % t.save_every_n_steps == 0 or step == t.max_train_steps):
             if accelerator.is_main_process:
                 save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run)
