@@ -103,9 +103,9 @@ def test_analyze_command_on_the_toy_model(tmp_path):
     out = tmp_path / "run"
     code = train_sipo.main([
         "--preset", str(ROOT / "presets" / "demo.toml"), "--analyze", "--analysis-pairs", "4",
-        "--analysis-buckets", "3", "--analysis-grad-pairs", "2", "--generate_pairs", "false",
+        "--analysis-buckets", "3", "--analysis-grad-pairs", "2", "--pairs_prompts", '""',
         "--train_data", str(manifest), "--output_dir", str(out), "--train_batch_size", "2",
-        "--calibration_batches", "2", "--evaluate", "false"])
+        "--calibration_batches", "2", "--eval_after_training", "false"])
     assert code == 0
     folder = out / "analysis"
     summary = json.loads((folder / "analysis.json").read_text())

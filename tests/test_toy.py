@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sipo_plugin.toy.fidelity import classify, fidelity
 from sipo_plugin.toy.rewards import available_rewards, get_reward
 
 GREEN_TRIANGLE = "a green triangle on a black background"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- domain ---------------------------------------------------------------------------------
@@ -212,28 +214,37 @@ def test_sampling_with_a_lora_adapter(pipe):
     assert np.abs(with_lora.astype(int) - base).max() > 0
 
 
-def test_generate_pairs_format_and_determinism(pipe, tmp_path):
+def test_toy_pairs_come_through_the_pairs_path(pipe, tmp_path):
+    """[pairs] on the toy model: sample -> score (colour) -> make, the same functions as
+    `sipo-pairs`; the candidates are the toy sampler's images for their seeds; resumable."""
     from PIL import Image
 
-    from sipo_plugin.toy.pairs import generate_pairs
+    from sipo_plugin.pairs.candidates import read_candidates
+    from sipo_plugin.pairs.onpolicy import make_training_pairs
+    from sipo_plugin.toy.pipeline import sample_images
+    from sipo_plugin.training.config import load_config
 
-    kw = {"reward": "colour", "n_pairs": 6, "seed": 3, "num_inference_steps": 4}
-    manifest = generate_pairs(pipe, tmp_path / "a", **kw)
-    assert manifest == tmp_path / "a" / "pairs.jsonl"
+    config = load_config(ROOT / "presets" / "demo.toml", [
+        "--train_data", str(tmp_path / "pairs.jsonl"), "--candidates_dir", str(tmp_path / "c"),
+        "--num_prompts", "6", "--sampler_steps", "4", "--output_dir", str(tmp_path)])
+    manifest = make_training_pairs(config)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert len(rows) == 6 and not list((tmp_path / "a").glob("*.tmp"))
+    assert len(rows) == 6  # best vs worst of 2 candidates for each of 6 prompt slots
     for row in rows:
-        assert set(row) == {"prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"}
-        assert row["reward_chosen"] > row["reward_rejected"]
-        domain.parse_prompt(row["prompt"])
+        assert row["chosen_scores"]["colour"] > row["rejected_scores"]["colour"]
         img = np.asarray(Image.open(manifest.parent / row["chosen"]))
         assert img.shape == (32, 32, 3)
-        r = get_reward("colour")(img[None], [row["prompt"]])[0]
-        assert r == pytest.approx(row["reward_chosen"])
-    again = generate_pairs(pipe, tmp_path / "b", **kw)
-    assert again.read_text() == manifest.read_text()
-    first = rows[0]["chosen"]
-    assert (tmp_path / "a" / first).read_bytes() == (tmp_path / "b" / first).read_bytes()
+        assert get_reward("colour")(img[None], [row["prompt"]])[0] == pytest.approx(
+            row["chosen_scores"]["colour"], abs=1e-6)
+    first = read_candidates(tmp_path / "c")[0]
+    toy = sample_images(pipe, [first.prompt], [first.seed], num_inference_steps=4,
+                        guidance_scale=3.0)[0]
+    drawn = np.asarray(Image.open(tmp_path / "c" / first.path)).astype(int)
+    assert np.abs(drawn - toy).max() <= 1  # the toy's own DDIM sampler, the same seed
+    before = manifest.read_text()
+    stamp = (tmp_path / "c" / first.path).stat().st_mtime_ns
+    assert make_training_pairs(config).read_text() == before  # resumed: nothing re-sampled
+    assert (tmp_path / "c" / first.path).stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow
