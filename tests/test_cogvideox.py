@@ -362,6 +362,6 @@ def test_preset_options_run_end_to_end_with_caches_and_sample_clips(model_dir, m
     pipe.load_lora_weights(str(lora))
     assert any("lora_A" in name for name, _ in pipe.transformer.named_parameters())
     clips = sorted((tmp_path / "samples").glob("*.gif"))
-    assert [c.name for c in clips] == ["cog_000002_00.gif"]
-    with Image.open(clips[0]) as gif:
+    assert [c.name for c in clips] == ["cog_000000_00.gif", "cog_000002_00.gif"]  # step 0: the base
+    with Image.open(clips[-1]) as gif:
         assert gif.n_frames == CogVideoXAdapter.sample_num_frames
