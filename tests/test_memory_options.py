@@ -87,9 +87,9 @@ def test_sample_images_every_n_steps_with_a_fixed_seed(manifest, tmp_path):
                        "--sample_steps", "2", "--learning_rate", "1e-12")
     train(config)
     names = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert names == [f"sipo_lora_00000{s}_0{i}.png" for s in (1, 2) for i in (0, 1)]
-    # an unchanged model and the same seed give the same image at every step
-    first, second = (Image.open(tmp_path / "samples" / f"sipo_lora_00000{s}_00.png") for s in (1, 2))
+    assert names == [f"sipo_lora_00000{s}_0{i}.png" for s in (0, 1, 2) for i in (0, 1)]  # 0: base
+    # an unchanged model and the same seed give the same image at every step, the base's included
+    first, second = (Image.open(tmp_path / "samples" / f"sipo_lora_00000{s}_00.png") for s in (0, 2))
     assert first.tobytes() == second.tobytes()
 
 
