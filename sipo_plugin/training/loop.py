@@ -287,7 +287,8 @@ def train(config: Config) -> TrainResult:
 
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
     records = training_records(config, records)  # without the prompts held out for evaluation
-    records = use_saved_latents(config, records, log.info)  # candidates' latents: no VAE encode
+    records = use_saved_latents(  # candidates' latents instead of a VAE encode, when they fit
+        config, records, tqdm.write if accelerator.is_main_process else None)
     if len(records) < t.train_batch_size:
         raise ValueError(f"{config.data.train_data}: {len(records)} pairs, fewer than "
                          f"train_batch_size = {t.train_batch_size}")
