@@ -219,9 +219,12 @@ def _record_from_row(row: Mapping[str, object], manifest: Path, line: int) -> Pa
         raise PairDataError(f"{where}: 'prompt' must be a string, got {prompt!r}")
     chosen = _image_path(row["chosen"], "chosen", manifest, where)
     rejected = _image_path(row["rejected"], "rejected", manifest, where)
-    latents = {key: _image_path(row[key], key, manifest, where)
-               for key in ("chosen_latents", "rejected_latents") if row.get(key)}
-    return PairRecord(prompt, chosen, rejected, _parse_weight(row.get("weight"), where), **latents)
+    latents = [Path(os.path.abspath(manifest.parent / str(row.get(key) or "")))
+               for key in ("chosen_latents", "rejected_latents")]
+    if not (row.get("chosen_latents") and row.get("rejected_latents")
+            and all(p.is_file() for p in latents)):
+        latents = [None, None]  # optional: without them (or with one missing) the images encode
+    return PairRecord(prompt, chosen, rejected, _parse_weight(row.get("weight"), where), *latents)
 
 
 def read_jsonl_manifest(path: str | os.PathLike) -> list[PairRecord]:
