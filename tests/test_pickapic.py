@@ -243,3 +243,31 @@ def test_toy_training_on_bucketed_shards(tmp_path):
             if "lora_B" in n]
     assert lora and any(p.abs().max() > 0 for p in lora)
     assert np.isfinite(result.last_metrics["train/loss"])
+
+
+def test_a_parquet_image_has_a_file_identity_naming_its_cell(shards):
+    from sipo_plugin.data.cache import file_identity
+    shard = shards / "train-00000.parquet"
+    first, second = ParquetImage(shard, 0, "jpg_0"), ParquetImage(shard, 0, "jpg_1")
+    identity = file_identity(first)
+    assert identity[0] == f"{shard} row 0 (jpg_0)"
+    assert identity[1:] == [shard.stat().st_size, shard.stat().st_mtime_ns]
+    assert file_identity(second) != identity  # the other cell of the same row
+
+
+@pytest.mark.slow
+def test_cached_latents_and_cached_reference_train_on_shards(shards, tmp_path):
+    """cache_latents and reference = "cached" fingerprint parquet cells (not files) and train."""
+    from sipo_plugin.training.config import load_config
+    from sipo_plugin.training.loop import train
+    config = load_config(None, [
+        "--train_data", str(shards), "--resolution", "32", "--cache_latents_to_disk", "true",
+        "--reference", "cached", "--reference_cache_draws", "2",
+        "--output_dir", str(tmp_path / "run"), "--max_train_steps", "2",
+        "--train_batch_size", "2", "--learning_rate", "1e-3", "--objective", "diffusion-dpo",
+        "--logging_steps", "1"])
+    result = train(config)
+    assert result.steps == 2 and result.num_pairs == 5
+    assert len(list((tmp_path / "run" / "cache" / "latents").glob("*.safetensors"))) == 5
+    assert (tmp_path / "run" / "cache" / "reference_errors.safetensors").is_file()
+    assert np.isfinite(result.last_metrics["train/loss"])

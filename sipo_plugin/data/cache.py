@@ -50,10 +50,11 @@ def batch_conditioning(adapter, batch: dict) -> dict[str, torch.Tensor]:
     return adapter.pair_conditioning(cond, batch)
 
 
-def file_identity(path: Path) -> list:
-    """What tells a changed image file: its path, size and modification time."""
-    stat = Path(path).stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
+def file_identity(source) -> list:
+    """What tells a changed image: its name (a path, or a parquet cell's shard, row and column),
+    and the size and modification time of the file holding it."""
+    stat = Path(getattr(source, "file", source)).stat()  # a ParquetImage lives in its shard
+    return [str(source), stat.st_size, stat.st_mtime_ns]
 
 
 def fingerprint(value) -> str:

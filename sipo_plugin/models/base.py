@@ -132,6 +132,17 @@ class ModelAdapter(ABC):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's prediction in its native parametrization ([2B] conditioning)."""
 
+    def input_dtype(self, module: torch.nn.Module) -> torch.dtype:
+        """The dtype ``module``'s inputs are cast to (its ``.dtype``), read once per module:
+        diffusers' ``ModelMixin.dtype`` walks every submodule (ms a call, twice a step). The memo
+        is checked against the first parameter's dtype, so a module cast since is read again."""
+        memo = self.__dict__.setdefault("_input_dtypes", {})
+        first = next(module.parameters()).dtype
+        hit = memo.get(id(module))
+        if hit is None or hit[0] is not module or hit[1] != first:
+            hit = memo[id(module)] = (module, first, module.dtype)
+        return hit[2]
+
     @abstractmethod
     def set_adapters_enabled(self, enabled: bool) -> None:
         """Switch the LoRA on or off in every module that carries one."""

@@ -207,7 +207,7 @@ class SD15Adapter(ModelAdapter):
         return NoisyBatch(noisy=noisy, timesteps=timesteps, target=target)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        dtype = self.unet.dtype
+        dtype = self.input_dtype(self.unet)
         return self.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
                          return_dict=False)[0]
 

@@ -106,7 +106,7 @@ class SDXLAdapter(SD15Adapter):
         return paired
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        dtype = self.unet.dtype
+        dtype = self.input_dtype(self.unet)
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
         return self.unet(noisy.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
                          added_cond_kwargs=added, return_dict=False)[0]

@@ -30,14 +30,14 @@ class PairErrors:
     """Per-pair inputs of an objective function: every tensor is ``[B]``.
 
     ``policy_err_*`` are fp32 with grad (through the policy prediction only), ``ref_err_*`` are fp32
-    without grad, ``timesteps`` holds the pair's shared timestep, ``scheduler`` is the diffusers
+    without grad (None for an objective registered with ``needs_reference=False``), ``timesteps`` holds the pair's shared timestep, ``scheduler`` is the diffusers
     scheduler the timesteps come from (for the step-wise importance weight).
     """
 
     policy_err_w: torch.Tensor
     policy_err_l: torch.Tensor
-    ref_err_w: torch.Tensor
-    ref_err_l: torch.Tensor
+    ref_err_w: torch.Tensor | None
+    ref_err_l: torch.Tensor | None
     timesteps: torch.Tensor
     scheduler: Any
 

@@ -55,6 +55,7 @@ class ObjectiveSpec:
     fn: ObjectiveFn
     config_cls: type
     description: str = ""
+    needs_reference: bool = True  # False: ``fn`` never reads ref_err_* (they are None)
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,29 @@ def _check_spec(name: Any, fn: Any, config_cls: Any, description: Any) -> str:
 
 
 def register_objective(
-    *, name: str, fn: ObjectiveFn, config_cls: type, description: str = ""
+    *,
+    name: str,
+    fn: ObjectiveFn,
+    config_cls: type,
+    description: str = "",
+    needs_reference: bool = True,
 ) -> ObjectiveSpec:
     """Register ``fn`` under ``name`` with its frozen hyper-parameter dataclass ``config_cls``.
+
+    ``needs_reference=False`` declares that ``fn`` never reads the reference errors: the trainer
+    then runs no reference forward (and no reference pre-pass), and ``fn`` gets ``None`` for
+    ``ref_err_w`` / ``ref_err_l``.
 
     Raises ValueError for a badly formed or duplicate name, TypeError for a non-callable ``fn`` or
     a ``config_cls`` that is not a frozen dataclass. An empty description falls back to the first
     line of ``fn``'s docstring.
     """
     text = _check_spec(name, fn, config_cls, description)
-    spec = ObjectiveSpec(name=name, fn=fn, config_cls=config_cls, description=text)
+    if not isinstance(needs_reference, bool):
+        raise TypeError(f"needs_reference of objective {name!r} must be True or False")
+    spec = ObjectiveSpec(
+        name=name, fn=fn, config_cls=config_cls, description=text, needs_reference=needs_reference
+    )
     _SPECS[name] = spec
     return spec
 
@@ -114,7 +128,11 @@ def _adopt_entry_point_object(obj: Any) -> None:
         if _SPECS.get(obj.name) == obj:
             return
         register_objective(
-            name=obj.name, fn=obj.fn, config_cls=obj.config_cls, description=obj.description
+            name=obj.name,
+            fn=obj.fn,
+            config_cls=obj.config_cls,
+            description=obj.description,
+            needs_reference=obj.needs_reference,
         )
     elif isinstance(obj, types.ModuleType):
         return  # the module registered its objectives on import
@@ -191,7 +209,8 @@ def get_objective(name: str, **hyperparameters: Any) -> Objective:
     return Objective(spec, _build_config(spec, hyperparameters))
 
 
-def _metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Floats of a dict of floats and 0-dim tensors, the tensors read in one host transfer."""
     tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
     floats = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
     if tensors:
@@ -224,6 +243,11 @@ class Objective:
         return dataclasses.asdict(self.config)
 
     @property
+    def needs_reference(self) -> bool:
+        """False when the loss never reads the reference (e.g. ``sft``): no reference forward."""
+        return self.spec.needs_reference
+
+    @property
     def needs_calibration(self) -> bool:
         """True while the hyper-parameter ``kappa`` is ``"auto"``."""
         return isinstance(getattr(self.config, "kappa", None), str) and self.config.kappa == "auto"
@@ -240,33 +264,50 @@ class Objective:
     def __call__(
         self,
         model_pred: torch.Tensor,
-        ref_pred: torch.Tensor,
+        ref_pred: torch.Tensor | None,
         target: torch.Tensor,
         timesteps: torch.Tensor,
         scheduler: Any,
     ) -> ObjectiveOutput:
-        """Loss of a ``[2B, ...]`` winners-first batch; ``timesteps`` is ``[B]`` or ``[2B]``."""
-        if not (model_pred.shape == ref_pred.shape == target.shape):
+        """Loss of a ``[2B, ...]`` winners-first batch; ``timesteps`` is ``[B]`` or ``[2B]``;
+        ``ref_pred`` may be None for an objective that does not need the reference."""
+        ref_shape = target.shape if ref_pred is None else ref_pred.shape
+        if not (model_pred.shape == ref_shape == target.shape):
             raise ValueError(
                 "model_pred, ref_pred and target must have the same shape, got "
-                f"{tuple(model_pred.shape)}, {tuple(ref_pred.shape)}, {tuple(target.shape)}"
+                f"{tuple(model_pred.shape)}, {tuple(ref_shape)}, {tuple(target.shape)}"
             )
         target = target.detach()
-        with torch.no_grad():
-            ref_err = per_sample_error(ref_pred.detach(), target)
+        ref_err = None
+        if ref_pred is not None:
+            with torch.no_grad():
+                ref_err = per_sample_error(ref_pred.detach(), target)
         return self.from_errors(per_sample_error(model_pred, target), ref_err, timesteps, scheduler)
 
     def from_errors(
         self,
         policy_err: torch.Tensor,
-        ref_err: torch.Tensor,
+        ref_err: torch.Tensor | None,
         timesteps: torch.Tensor,
         scheduler: Any,
     ) -> ObjectiveOutput:
         """Loss from per-sample errors ``[2B]`` (winners first), e.g. with cached reference errors.
 
-        ``policy_err`` carries the gradient; ``ref_err`` is treated as a constant.
+        ``policy_err`` carries the gradient; ``ref_err`` is treated as a constant (None: no
+        reference, for an objective that declared ``needs_reference=False``).
         """
+        out = self.from_errors_on_device(policy_err, ref_err, timesteps, scheduler)
+        return dataclasses.replace(out, metrics=metrics_to_floats(out.metrics))
+
+    def from_errors_on_device(
+        self,
+        policy_err: torch.Tensor,
+        ref_err: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        scheduler: Any,
+    ) -> ObjectiveOutput:
+        """:meth:`from_errors` with the metrics left as detached tensors where the objective made
+        them (no host sync: the trainer reads them when it logs)."""
         if self.needs_calibration:
             raise RuntimeError(
                 f"objective {self.name!r} has kappa='auto' and is not calibrated: run "
@@ -275,9 +316,9 @@ class Objective:
                 "objective = objective.with_kappa(kappa) (or pass a number as kappa)"
             )
         m_w, m_l = split_pair(policy_err)  # [B] each, with grad
-        r_w, r_l = split_pair(ref_err.detach().float())  # [B] each
         t = pair_timesteps(timesteps, m_w.shape[0]).to(m_w.device)  # [B]
-        pairs = PairErrors(m_w, m_l, r_w.to(m_w.device), r_l.to(m_w.device), t, scheduler)
+        r_w, r_l = self._reference_pair(ref_err, m_w.device)  # [B] each, or None
+        pairs = PairErrors(m_w, m_l, r_w, r_l, t, scheduler)
         result = self.spec.fn(pairs, self.config)
         per_pair = result.losses
         if per_pair.shape != pairs.policy_err_w.shape:
@@ -286,5 +327,14 @@ class Objective:
                 f"expected one per pair {tuple(pairs.policy_err_w.shape)}"
             )
         loss = per_pair.float().mean()  # masked pairs count in the denominator
-        metrics = _metrics_to_floats({"loss": loss.detach(), **result.metrics})
+        metrics = {"loss": loss.detach(), **result.metrics}
         return ObjectiveOutput(loss=loss, metrics=metrics, per_pair_loss=per_pair)
+
+    def _reference_pair(self, ref_err: torch.Tensor | None, device: torch.device):
+        """``(r_w, r_l)`` ``[B]`` each in fp32 on ``device``; ``(None, None)`` without one."""
+        if ref_err is None:
+            if self.needs_reference:
+                raise ValueError(f"objective {self.name!r} needs the reference errors, got None")
+            return None, None
+        r_w, r_l = split_pair(ref_err.detach().float())
+        return r_w.to(device), r_l.to(device)

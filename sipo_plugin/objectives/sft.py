@@ -32,8 +32,9 @@ def sft_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor) -> LossOutp
 def sft_objective(pairs: PairErrors, config: SFTConfig) -> LossOutput:
     """SFT: mean(m_w), the diffusion MSE on winners only."""
     output = sft_loss(pairs.policy_err_w, pairs.policy_err_l)
-    output.metrics["mse/ref_w"] = pairs.ref_err_w.mean()
-    output.metrics["mse/ref_l"] = pairs.ref_err_l.mean()
+    if pairs.ref_err_w is not None:  # the reference is not needed, but report it when given
+        output.metrics["mse/ref_w"] = pairs.ref_err_w.mean()
+        output.metrics["mse/ref_l"] = pairs.ref_err_l.mean()
     return output
 
 
@@ -42,4 +43,5 @@ register_objective(
     fn=sft_objective,
     config_cls=SFTConfig,
     description="SFT on winners: mean(m_w), the plain diffusion MSE of the preferred samples",
+    needs_reference=False,
 )

@@ -30,8 +30,8 @@ from ..utils.seeding import seeded_generator
 from .checkpoint import load_checkpoint, resolve_resume
 from ..data.cache import batch_conditioning, batch_latents, build_data_cache, cache_dir_of
 from .config import Config
-from .reference import (AdapterOffReference, cached_reference_errors, make_reference,
-                        pair_generators)
+from .reference import (AdapterOffReference, cached_reference_errors, draw_generators,
+                        make_reference, objective_needs_reference)
 from .memory import (build_optimizer, cast_trainable_to_bf16, enable_gradient_checkpointing,
                      enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
@@ -91,35 +91,49 @@ def make_dataloader(config: Config, records, *, total: int, start: int = 0):
         augmentation=PairAugmentation(t.seed, d.caption_dropout_rate, d.flip_aug))
 
 
-def progress_fields(metrics: dict) -> dict:
+def progress_fields(metrics: dict, prefix: str = "") -> dict:
     """What the progress bar shows: loss, implicit accuracy and reward margin when reported."""
     shown = {"loss": ("loss", "{:.4f}"), "acc": ("implicit_acc", "{:.2f}"),
              "margin": ("rewards/margins", "{:.2e}")}
-    return {label: fmt.format(metrics[key]) for label, (key, fmt) in shown.items() if key in metrics}
+    return {label: fmt.format(metrics[prefix + key]) for label, (key, fmt) in shown.items()
+            if prefix + key in metrics}
 
 
 @dataclass
 class PairDraws:
-    """The random streams of one micro-batch: one per image (VAE sample) and one per pair (noise
-    and timestep), keyed by (seed, step, micro-batch, pair index), so a pair's draws are the same
-    whether the batch runs in one process or is split across several."""
+    """The random streams of one micro-batch, keyed by (seed, step, micro-batch, pair index), so a
+    pair's draws are the same whether the batch runs in one process or is split across several:
+    one per pair for its two VAE posterior samples (winner, then loser; none when the latents are
+    cached) and one per pair for its noise and timestep."""
 
-    images: list[torch.Generator]  # [2B], winners first
+    images: list[torch.Generator]  # [2B], winners first (pair i's stream twice), or []
     pairs: list[torch.Generator]  # [B]
 
     @classmethod
-    def for_batch(cls, seed: int, step: int, micro: int, indices: torch.Tensor) -> "PairDraws":
+    def for_batch(cls, seed: int, step: int, micro: int, indices: torch.Tensor, *,
+                  images: bool = True) -> "PairDraws":
         ids = indices.tolist()
-        return cls(images=[seeded_generator(seed, step, micro, i, side)
-                           for side in (0, 1) for i in ids],
+        image_streams = [seeded_generator(seed, step, micro, i, 0) for i in ids] if images else []
+        return cls(images=image_streams * 2,
                    pairs=[seeded_generator(seed, step, micro, i, 2) for i in ids])
+
+
+def batch_draws(batch: dict, seed: int, step: int, micro: int) -> PairDraws:
+    """The streams a micro-batch uses, and no others: no VAE streams when its latents are cached,
+    the pair's stored draw when its reference errors are (generators cost tens of us each)."""
+    if "reference_draw" in batch:
+        return PairDraws(images=[], pairs=draw_generators(seed, batch["indices"].tolist(),
+                                                          batch["reference_draw"].tolist()))
+    return PairDraws.for_batch(seed, step, micro, batch["indices"], images="latents" not in batch)
 
 
 def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accelerator,
                optimizer, lr_scheduler, params, max_grad_norm: float, draws: PairDraws,
-               reference=None) -> dict:
+               reference=None, loss_scale: float = 1.0) -> dict:
     """One micro-batch of B pairs laid out as 2B samples, winners first. ``reference``: the live
-    reference (None: the LoRA's adapter-off base); a batch with cached reference errors needs none."""
+    reference (None: the LoRA's adapter-off base); a batch with cached reference errors, or an
+    objective that needs no reference, runs none. Returns the objective's metrics as detached
+    tensors (no host sync; ``float()`` reads one). ``loss_scale`` multiplies the loss."""
     with accelerator.accumulate(*adapter.trainable_modules()):
         # encode images and prompts, or read their caches; the prompt is shared by winner and loser
         latents = batch_latents(adapter, batch, draws.images)
@@ -130,19 +144,13 @@ def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accel
         with accelerator.autocast():
             model_pred = adapter.predict(noisy.noisy, noisy.timesteps, cond)
         # reference errors: cached by the pre-pass, or the base model's prediction without grad
-        ref_err = batch.get("reference_errors")
-        if ref_err is None:
-            with torch.no_grad(), accelerator.autocast():
-                ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
-            ref_err = per_sample_error(ref_pred, noisy.target)
+        ref_err = step_reference_errors(objective, batch, adapter, noisy, cond, reference,
+                                        accelerator)
         # the objective, by name (objective(...) on predictions computes exactly these errors)
-        out = objective.from_errors(per_sample_error(model_pred, noisy.target), ref_err,
-                                    noisy.timesteps, adapter.noise_scheduler)
-        loss = weighted_pair_loss(out, batch["weights"].to(out.loss.device))
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} (metrics: {out.metrics}); lower learning_rate or beta, "
-                "or use mixed_precision = \"no\"")
+        num_pairs = noisy.timesteps.shape[0] // 2
+        out = objective.from_errors_on_device(per_sample_error(model_pred, noisy.target), ref_err,
+                                              noisy.timesteps[:num_pairs], adapter.noise_scheduler)
+        loss = weighted_pair_loss(out, batch["weights"]) * loss_scale
         accelerator.backward(loss)
         if accelerator.sync_gradients and accelerator.num_processes > 1:
             average_gradients(params, accelerator)
@@ -151,7 +159,38 @@ def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accel
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return out.metrics
+    return {**out.metrics, "loss": out.metrics["loss"] * loss_scale}
+
+
+def step_reference_errors(objective, batch: dict, adapter: ModelAdapter, noisy, cond: dict,
+                          reference, accelerator: Accelerator) -> torch.Tensor | None:
+    """[2B] reference errors: the batch's cached ones, the live reference's (no grad), or None
+    when the objective does not use them (sft: no reference forward at all)."""
+    if not objective.needs_reference:
+        return None
+    if "reference_errors" in batch:
+        return batch["reference_errors"]
+    with torch.no_grad(), accelerator.autocast():
+        ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
+    return per_sample_error(ref_pred, noisy.target)
+
+
+class LossWatch:
+    """Counts non-finite losses on the device, so a step needs no host sync; ``check`` reads the
+    count where the loop syncs anyway (logging, checkpoints, the end of the run)."""
+
+    def __init__(self):
+        self.bad = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss)).to(torch.int32)
+        self.bad = bad if self.bad is None else self.bad + bad
+
+    def check(self, step: int, metrics: dict) -> None:
+        if self.bad is not None and int(self.bad) > 0:
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite by step {step} (metrics: {metrics}); lower "
+                "learning_rate or beta, or use mixed_precision = \"no\"")
 
 
 def average_gradients(params, accelerator: Accelerator) -> None:
@@ -162,9 +201,11 @@ def average_gradients(params, accelerator: Accelerator) -> None:
 
 
 def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
-    """The objective's mean loss, or, when the data gives per-pair weights, their weighted mean."""
+    """The objective's mean loss, or, when the data gives per-pair weights, their weighted mean
+    (``weights`` as the batch holds them: on the CPU, so the check costs no device sync)."""
     if torch.all(weights == 1):
         return out.loss
+    weights = weights.to(out.per_pair_loss.device)
     return (out.per_pair_loss * weights).sum() / weights.sum()
 
 
@@ -260,7 +301,7 @@ def prepare_caches(config: Config, adapter, records, accelerator, log):
     probe = make_dataloader(config, records, total=1)  # the data pipeline's dataset and collate
     output_dir = Path(config.training.output_dir)
     data_cache = build_data_cache(config, adapter, records, probe, output_dir, log)
-    if config.training.reference == "cached":
+    if config.training.reference == "cached" and objective_needs_reference(config):
         data_cache.reference = cached_reference_errors(
             config, adapter, records, data_cache, probe, cache_dir_of(config, output_dir),
             accelerator, log)
@@ -341,20 +382,22 @@ def train(config: Config) -> TrainResult:
     step, micro_step = start, 0
     evaluation = TrainingEvaluation(config, adapter, log, accelerator)
     evaluation.at_start(step)  # step-0 sample images and reward-curve point (the base model)
+    watch = LossWatch()
     for batch in loader:
-        draws = pair_generators(batch, PairDraws.for_batch(t.seed, step, micro_step % micro,
-                                                           batch["indices"]), t.seed)
+        draws = batch_draws(batch, t.seed, step, micro_step % micro)
         micro_step += 1
         metrics = train_step(batch, adapter, objective, accelerator, optimizer, lr_scheduler,
                              params, t.max_grad_norm, draws, reference)
+        watch.add(metrics["loss"])
         log.accumulate(metrics)
         if not accelerator.sync_gradients:
             continue
         step += 1
         progress.update(1)
-        progress.set_postfix(progress_fields(metrics), refresh=False)
         if step % t.logging_steps == 0 or step == t.max_train_steps:
-            log.flush(step, lr=lr_scheduler.get_last_lr()[0])
+            logged = log.flush(step, lr=lr_scheduler.get_last_lr()[0])  # the host reads here
+            watch.check(step, logged)
+            progress.set_postfix(progress_fields(logged, prefix="train/"), refresh=False)
         if t.sample_every_n_steps and (step % t.sample_every_n_steps == 0
                                        or step == t.max_train_steps):
             if accelerator.is_main_process:
@@ -362,8 +405,10 @@ def train(config: Config) -> TrainResult:
                     save_samples(adapter, t, step)
         evaluation.after_step(step)
         if t.save_every_n_steps and (step % t.save_every_n_steps == 0 or step == t.max_train_steps):
+            watch.check(step, {})  # never save weights a non-finite loss has reached
             if accelerator.is_main_process:
                 save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run)
+    watch.check(step, log.last)
     progress.close()
     log.close()
     adapter.restore_encoders()  # export and evaluation sample with the VAE / text encoders

@@ -10,7 +10,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from ..objectives.registry import metrics_to_floats
 
 
 class MetricsLogger:
@@ -42,13 +45,21 @@ class MetricsLogger:
         self._write({"event": name, "time": time.time(), **values})
 
     def accumulate(self, metrics: dict) -> None:
+        """Add a step's metrics: floats, or 0-dim tensors summed where they are (no host sync);
+        non-finite values are left out of their key's mean."""
         for key, value in metrics.items():
-            if value is not None and math.isfinite(value):
+            if torch.is_tensor(value):
+                value = value.detach().float()
+                finite = torch.isfinite(value)
+                self._sums[key] = self._sums[key] + torch.where(finite, value, 0.0)
+                self._counts[key] = self._counts[key] + finite.to(torch.int64)
+            elif value is not None and math.isfinite(value):
                 self._sums[key] += float(value)
                 self._counts[key] += 1
 
     def flush(self, step: int, **extra) -> dict:
-        means = {f"train/{k}": self._sums[k] / self._counts[k] for k in self._sums}
+        sums, counts = metrics_to_floats(self._sums), metrics_to_floats(self._counts)  # one sync per interval
+        means = {f"train/{k}": sums[k] / counts[k] for k in sums if counts[k] > 0}
         means.update({f"train/{k}": v for k, v in extra.items()})
         self._sums.clear()
         self._counts.clear()

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from ..data.cache import (batch_conditioning, batch_latents, data_settings, file_identity,
                           fingerprint)
-from ..objectives import per_sample_error
+from ..objectives import get_objective, per_sample_error
 from ..utils.io import save_safetensors_atomic
 from ..utils.seeding import seeded_generator
 
@@ -78,11 +78,20 @@ class UntrainedModelReference:
         return adapter.predict(noisy.noisy, noisy.timesteps, cond)
 
 
+def objective_needs_reference(config) -> bool:
+    """Whether the run's objective reads the reference (``sft`` does not: no reference at all)."""
+    return get_objective(config.objective.name, **config.objective.hyperparameters).needs_reference
+
+
 def make_reference(config, adapter, log):
-    """The live reference of a run (None for ``cached``); call before anything trains."""
+    """The live reference of a run (None for ``cached``, and when the objective needs none); call
+    before anything trains."""
     t, full = config.training, config.network.finetune == "full"
     mode = t.reference if t.reference not in ("auto", "base") else (
         "frozen_copy" if full else "adapter_off")
+    if not objective_needs_reference(config):
+        log.info(f"reference: none ('{config.objective.name}' does not use one)")
+        return None
     if mode == "cached":
         return None
     if mode == "initial":  # the starting LoRA of network_weights, kept as a frozen second adapter
