@@ -79,6 +79,7 @@ class ModelAdapter(ABC):
     # reference = "initial": the name of the frozen adapter holding the starting LoRA (the
     # reference then switches to it instead of switching the LoRA off); None: the base model
     reference_adapter: str | None = None
+    first_timestep: int = 0  # the smallest timestep drawn (skip_masked_timesteps raises it)
 
     @abstractmethod
     def add_lora(self, network) -> list[torch.nn.Parameter]:
@@ -107,13 +108,15 @@ class ModelAdapter(ABC):
 
         ``generator``: one stream for the batch, or a list of B, one per pair (the training loop
         seeds one per pair, so a pair's draw does not depend on how the batch is split).
-        Default: uniform integer timesteps of the training scheduler (DDPM family).
+        Default: uniform integer timesteps of the training scheduler (DDPM family), from
+        ``first_timestep`` on.
         """
         num_steps = self.noise_scheduler.config.num_train_timesteps
         noise, timesteps = [], []
         for g in per_pair(generator, pair_latent_shape[0]):
             noise.append(torch.randn(pair_latent_shape[1:], generator=g, device=g.device))
-            timesteps.append(torch.randint(0, num_steps, (), generator=g, device=g.device))
+            timesteps.append(torch.randint(self.first_timestep, num_steps, (), generator=g,
+                                           device=g.device))
         return torch.stack(noise), torch.stack(timesteps)
 
     @abstractmethod

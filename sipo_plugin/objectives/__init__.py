@@ -21,7 +21,7 @@ from .registry import (
     get_objective,
     register_objective,
 )
-from .importance import calibrate_kappa, step_log_weight
+from .importance import calibrate_kappa, first_kept_timestep, step_log_weight
 from .schedule import parametrization, schedule_error_factor, snr
 
 # Built-in objectives register themselves on import.
@@ -45,6 +45,7 @@ __all__ = [
     "available_objectives",
     "calibrate_kappa",
     "describe_objectives",
+    "first_kept_timestep",
     "diffusion_dpo_loss",
     "dpo_cm_loss",
     "get_objective",

@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHT_MODELS",
     "calibrate_kappa",
     "clip_weight",
+    "first_kept_timestep",
     "geometric_mean",
     "importance_weights",
     "mask_metrics",
@@ -119,19 +120,26 @@ def weight_metrics(
 
 def _pair_scores(ref_errors: Any, timesteps: Any, scheduler: Any) -> torch.Tensor:
     """Per pair ``q = a_t * max(r_w, r_l)`` (float64): masked iff ``kappa * q > -log(tau)``."""
+    return _scored_pairs(ref_errors, timesteps, scheduler)[0]
+
+
+def _scored_pairs(ref_errors: Any, timesteps: Any, scheduler: Any):
+    """``(q [N], t [N])``: :func:`_pair_scores` and each pair's timestep, over every batch."""
     if isinstance(ref_errors, torch.Tensor):
         ref_errors, timesteps = [ref_errors], [timesteps]
     if isinstance(timesteps, torch.Tensor) or len(ref_errors) != len(timesteps):
         raise ValueError(
             "pass ref_errors and timesteps as two tensors or two lists of equal length"
         )
-    scores = []
+    scores, pair_ts = [], []
     for r, t in zip(ref_errors, timesteps, strict=True):
         r_w, r_l = split_pair(r.detach().reshape(-1).cpu().to(torch.float64))  # [B] each
-        a_t = schedule_error_factor(pair_timesteps(t, r_w.shape[0]), scheduler).cpu()
+        t_pair = pair_timesteps(torch.as_tensor(t).cpu(), r_w.shape[0])  # [B]
+        a_t = schedule_error_factor(t_pair, scheduler).cpu()
         q = a_t * torch.maximum(r_w, r_l)
         scores.append(torch.where(torch.isinf(a_t), torch.full_like(q, math.inf), q))
-    return torch.cat(scores)
+        pair_ts.append(t_pair)
+    return torch.cat(scores), torch.cat(pair_ts)
 
 
 def _threshold_for_count(scores: torch.Tensor, k: int) -> float:
@@ -185,6 +193,31 @@ def calibrate_kappa(
     scores = _pair_scores(ref_errors, timesteps, scheduler)  # [N]
     k = int(math.floor(target * scores.numel() + 0.5))
     return -math.log(tau) / _threshold_for_count(scores, k)
+
+
+def first_kept_timestep(
+    ref_errors: torch.Tensor | Sequence[torch.Tensor],
+    timesteps: torch.Tensor | Sequence[torch.Tensor],
+    scheduler: Any,
+    *,
+    kappa: float,
+    mask_threshold: float,
+) -> int:
+    """``t_0``: every calibration pair at a timestep below ``t_0`` is masked by the step-wise weight.
+
+    A pair is masked iff ``kappa * a_t * max(r_w, r_l) > -log(tau)`` (as in :func:`calibrate_kappa`,
+    the reference standing in for the policy). With ``t_k`` the smallest timestep of a kept pair,
+    ``t_0 = 1 + max{t_i : t_i < t_k}`` over the calibration pairs (0 when the least noisy pair is
+    kept, or when every pair is masked). Drawing ``t`` uniformly from ``[t_0, T)`` and scaling the
+    loss by ``(T - t_0) / T`` leaves the expected loss unchanged wherever those timesteps are
+    masked: ``(1/T) sum_t L(t) = ((T - t_0)/T) * (1/(T - t_0)) sum_{t >= t_0} L(t)``.
+    """
+    scores, t = _scored_pairs(ref_errors, timesteps, scheduler)  # [N] each
+    masked = kappa * scores > -math.log(mask_threshold)  # [N]
+    if bool(masked.all()) or not bool(masked.any()):
+        return 0
+    below = t[t < t[~masked].min()]
+    return int(below.max().item()) + 1 if below.numel() else 0
 
 
 def objective_weight_metrics(pairs: PairErrors, weight_w, weight_l, kappa: float) -> dict:

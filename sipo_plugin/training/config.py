@@ -180,6 +180,13 @@ class TrainingConfig:
     adam_beta2: float = _help("AdamW beta2", 0.999)
     adam_weight_decay: float = _help("AdamW weight decay", 1e-2)
     adam_epsilon: float = _help("AdamW epsilon", 1e-8)
+    skip_masked_timesteps: bool = _help(
+        "dpo-cm / sipo (weight_model = \"step\"): timesteps below the first one at which a "
+        "calibration pair was kept (all masked) are not drawn, and the loss is scaled by the "
+        "share of timesteps kept, so its expectation is unchanged (BENCHMARKS.md)", False)
+    compile: bool = _help(
+        "torch.compile the trained network (U-Net / transformer); without a working "
+        "torch.compile the run trains uncompiled, with a note", False)
     calibration_batches: int = _help(
         "batches used to calibrate kappa = 'auto' (at 8 of 8 pairs the masked share missed its target: BENCHMARKS.md)",
         32)
@@ -641,12 +648,33 @@ def _validate_reference_and_caches(config: Config) -> None:
     if t.reference == "cached" and getattr(d, "caption_dropout_rate", 0.0) > 0:
         raise ConfigError(f"{where}: reference = \"cached\" cannot be used with caption_dropout_rate > 0 "
                           "(the cached errors are for the full caption); set caption_dropout_rate = 0")
+    _validate_skip_masked_timesteps(config)
     copies = t.reference == "frozen_copy" or (t.reference in ("auto", "base") and n.finetune == "full")
     if (t.reference_device or t.reference_dtype) and not copies:
         raise ConfigError(f"{where}: reference_device / reference_dtype apply to a frozen copy only; "
                           "set reference = \"frozen_copy\" or leave them empty")
     if t.reference_device:
         _check_device(where, t.reference_device)
+
+
+def _validate_skip_masked_timesteps(config: Config) -> None:
+    """skip_masked_timesteps needs a mask that depends on the timestep (a step-wise weight) and
+    fresh draws (a cached reference fixes each pair's timesteps before calibration)."""
+    where, t = config.source, config.training
+    if not t.skip_masked_timesteps:
+        return
+    try:
+        hyper = get_objective(config.objective.name, **config.objective.hyperparameters).config
+    except (KeyError, ValueError, TypeError):
+        return  # reported by the objective's own validation
+    if getattr(hyper, "weight_model", None) != "step" or not getattr(hyper, "mask_threshold", 0):
+        raise ConfigError(f"{where}: skip_masked_timesteps needs an objective that masks pairs by "
+                          "timestep (dpo-cm or sipo with weight_model = \"step\" and "
+                          "mask_threshold > 0); set skip_masked_timesteps = false")
+    if t.reference == "cached":
+        raise ConfigError(f"{where}: skip_masked_timesteps cannot be used with reference = "
+                          "\"cached\" (its draws are fixed before calibration); set one of them "
+                          "off")
 
 
 def _check_device(where: str, device: str) -> None:

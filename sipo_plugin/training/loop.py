@@ -25,15 +25,15 @@ from tqdm.auto import tqdm
 from ..data import PairBatchSampler, collate_pairs, read_pairs
 from ..models import get_model_adapter
 from ..models.base import ModelAdapter
-from ..objectives import calibrate_kappa, get_objective, per_sample_error
+from ..objectives import calibrate_kappa, first_kept_timestep, get_objective, per_sample_error
 from ..utils.seeding import seeded_generator
 from .checkpoint import load_checkpoint, resolve_resume
 from ..data.cache import batch_conditioning, batch_latents, build_data_cache, cache_dir_of
 from .config import Config
 from .reference import (AdapterOffReference, cached_reference_errors, draw_generators,
                         make_reference, objective_needs_reference)
-from .memory import (build_optimizer, cast_trainable_to_bf16, enable_gradient_checkpointing,
-                     enable_xformers, optimizer_name, param_groups)
+from .memory import (build_optimizer, cast_trainable_to_bf16, compile_trained_network,
+                     enable_gradient_checkpointing, enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
 from .sampling import save_samples
 from .run_folder import folder_run_id
@@ -210,25 +210,68 @@ def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate(objective, adapter: ModelAdapter, loader, generator, reference=None,
-              cached=None) -> float:
-    """kappa = 'auto': reference errors on a few batches (or every cached reference draw) -> the
-    kappa hitting the mask target."""
+def calibration_sample(adapter: ModelAdapter, loader, generator, reference=None, cached=None):
+    """Reference errors [2B] and timesteps [2B] of each calibration batch (or of every cached
+    reference draw), as two lists."""
     if cached is not None:
-        errors, timesteps = cached.calibration_sample()
-    else:
-        errors, timesteps = [], []
-        for batch in loader:
-            latents = batch_latents(adapter, batch, generator)
-            noisy = adapter.noisy_inputs(latents, generator)
-            cond = batch_conditioning(adapter, batch)
-            ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
-            errors.append(per_sample_error(ref_pred, noisy.target))
-            timesteps.append(noisy.timesteps)
+        return cached.calibration_sample()
+    errors, timesteps = [], []
+    for batch in loader:
+        latents = batch_latents(adapter, batch, generator)
+        noisy = adapter.noisy_inputs(latents, generator)
+        cond = batch_conditioning(adapter, batch)
+        ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
+        errors.append(per_sample_error(ref_pred, noisy.target))
+        timesteps.append(noisy.timesteps)
+    return errors, timesteps
+
+
+def calibrate(objective, adapter: ModelAdapter, loader, generator, reference=None,
+              cached=None, sample=None) -> float:
+    """kappa = 'auto': reference errors on a few batches (or every cached reference draw, or the
+    given ``sample``) -> the kappa hitting the mask target."""
+    errors, timesteps = sample or calibration_sample(adapter, loader, generator, reference, cached)
     cfg = objective.config
     return calibrate_kappa(errors, timesteps, adapter.noise_scheduler,
                            mask_threshold=cfg.mask_threshold,
                            target_mask_fraction=cfg.target_mask_fraction)
+
+
+def run_calibration_sample(config: Config, adapter, records, generator, reference=None,
+                           data_cache=None):
+    """The run's calibration sample: ``calibration_batches`` batches of its data (cached when
+    the run caches), or every cached reference draw."""
+    t = config.training
+    loader = make_dataloader(config, records, total=min(t.calibration_batches,
+                                                        len(records) // t.train_batch_size))
+    if data_cache is not None:
+        loader = data_cache.wrap(loader)
+    return calibration_sample(adapter, loader, generator, reference,
+                              data_cache.reference if data_cache is not None else None)
+
+
+def first_timestep_for_run(config: Config, objective, adapter, sample, log) -> int:
+    """skip_masked_timesteps: the smallest timestep training draws (0: every timestep)."""
+    if not config.training.skip_masked_timesteps:
+        return 0
+    if type(adapter).draw_noise_and_timesteps is not ModelAdapter.draw_noise_and_timesteps:
+        raise ValueError(f"skip_masked_timesteps: the {config.model.family} family draws its own "
+                         "(continuous) timesteps; set skip_masked_timesteps = false")
+    cfg = objective.config
+    first = first_kept_timestep(*sample, adapter.noise_scheduler, kappa=cfg.kappa,
+                                mask_threshold=cfg.mask_threshold)
+    total = adapter.noise_scheduler.config.num_train_timesteps
+    log.info(f"skip_masked_timesteps: every calibration pair at t < {first} was masked; "
+             f"training draws t in [{first}, {total}) and scales the loss by "
+             f"{timestep_share(first, total):.4f}")
+    log.event("skip_masked_timesteps", first_timestep=first)
+    return first
+
+
+def timestep_share(first: int, total: int) -> float:
+    """The share of timesteps drawn, ``(T - t_0) / T``: the loss scale that keeps its
+    expectation when the skipped timesteps are masked (objectives.first_kept_timestep)."""
+    return (total - first) / total
 
 
 def lora_state(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
@@ -251,20 +294,16 @@ def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> No
 
 
 def objective_for_run(config: Config, adapter, records, checkpoint, generator, log,
-                      reference=None, data_cache=None):
+                      reference=None, data_cache=None, sample=None):
     """The configured objective; kappa = 'auto' is calibrated once (or restored on resume) with
-    the run's reference and caches."""
+    the run's reference and caches (or on ``sample``, the run's calibration sample)."""
     if checkpoint is not None:
         return get_objective(checkpoint["objective_name"], **checkpoint["objective_hyperparameters"])
     objective = get_objective(config.objective.name, **config.objective.hyperparameters)
     if objective.needs_calibration:
-        t = config.training
-        loader = make_dataloader(config, records, total=min(t.calibration_batches,
-                                                            len(records) // t.train_batch_size))
-        if data_cache is not None:
-            loader = data_cache.wrap(loader)
-        kappa = calibrate(objective, adapter, loader, generator, reference,
-                          cached=data_cache.reference if data_cache is not None else None)
+        sample = sample or run_calibration_sample(config, adapter, records, generator, reference,
+                                                  data_cache)
+        kappa = calibrate(objective, adapter, None, generator, sample=sample)
         objective = objective.with_kappa(kappa)
         log.info(f"kappa = 'auto' calibrated to {kappa:.6g} (masks "
                  f"{objective.config.target_mask_fraction:.0%} of pairs at w < "
@@ -349,14 +388,21 @@ def train(config: Config) -> TrainResult:
     params = adapter.add_trainable(config.network)
     data_cache = prepare_caches(config, adapter, records, accelerator, log)
     # the adapter starts as an exact no-op (lora_up = 0), so calibration sees the reference
+    sample = (run_calibration_sample(config, adapter, records, generator, reference, data_cache)
+              if t.skip_masked_timesteps else None)  # (deterministic: the same on resume)
     objective = objective_for_run(config, adapter, records, checkpoint, generator, log,
-                                  reference, data_cache)
+                                  reference, data_cache, sample)
+    adapter.first_timestep = first_timestep_for_run(config, objective, adapter, sample, log)
+    loss_scale = timestep_share(adapter.first_timestep,
+                                adapter.noise_scheduler.config.num_train_timesteps)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(adapter.trainable_modules())
     if t.xformers:
         enable_xformers(adapter.trainable_modules(), accelerator.device, log.info)
     if t.full_bf16:
         cast_trainable_to_bf16(params)
+    if t.compile:
+        compile_trained_network(adapter, log.info)
     optimizer = build_optimizer(param_groups(params, adapter.trainable_modules()[0], t), t, log.info)
     optimizer_used = optimizer_name(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, t, accelerator.num_processes)
@@ -387,7 +433,7 @@ def train(config: Config) -> TrainResult:
         draws = batch_draws(batch, t.seed, step, micro_step % micro)
         micro_step += 1
         metrics = train_step(batch, adapter, objective, accelerator, optimizer, lr_scheduler,
-                             params, t.max_grad_norm, draws, reference)
+                             params, t.max_grad_norm, draws, reference, loss_scale)
         watch.add(metrics["loss"])
         log.accumulate(metrics)
         if not accelerator.sync_gradients:
@@ -409,6 +455,7 @@ def train(config: Config) -> TrainResult:
             if accelerator.is_main_process:
                 save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run)
     watch.check(step, log.last)
+    adapter.first_timestep = 0  # evaluation and analysis draw every timestep
     progress.close()
     log.close()
     adapter.restore_encoders()  # export and evaluation sample with the VAE / text encoders

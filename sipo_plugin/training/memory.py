@@ -1,6 +1,8 @@
-"""Memory options of a run: the optimizer (AdamW, 8-bit AdamW, Adafactor, Prodigy, Lion) and its
-parameter groups, gradient checkpointing, attention kernels and bf16 weights. An optional package that is missing or unusable gives one line
-and a safe fallback: 8-bit AdamW -> torch AdamW, xformers -> PyTorch SDPA (diffusers' default)."""
+"""Memory and speed options of a run: the optimizer (AdamW, 8-bit AdamW, Adafactor, Prodigy, Lion)
+and its parameter groups, gradient checkpointing, attention kernels, bf16 weights and torch.compile.
+An optional package or feature that is missing or unusable gives one line and a safe fallback:
+8-bit AdamW -> torch AdamW, xformers -> PyTorch SDPA (diffusers' default), torch.compile -> the
+uncompiled model."""
 
 from __future__ import annotations
 
@@ -125,3 +127,27 @@ def cast_trainable_to_bf16(params: list[torch.nn.Parameter]) -> None:
     memory of fp32; updates lose precision, which sd-scripts accepts for SDXL on 24 GB)."""
     for p in params:
         p.data = p.data.to(torch.bfloat16)
+
+
+def compile_trained_network(adapter, log: Callable[[str], None]) -> None:
+    """compile = true: ``torch.compile`` the denoiser in place (``nn.Module.compile``: its names,
+    weights and LoRA switch stay as they are). Where torch.compile cannot run (no dynamo on this
+    platform, or the backend fails on the first call, e.g. without a C++ compiler), one line says
+    so and the step runs uncompiled."""
+    if not torch._dynamo.is_dynamo_supported():
+        log("compile = true: torch.compile is not supported on this platform; training uncompiled")
+        return
+    module = adapter.denoiser
+    module.compile()
+    compiled = module._compiled_call_impl
+
+    def compiled_or_eager(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as err:  # the backend's many error types; a real model error recurs eagerly
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log(f"compile = true: torch.compile failed here ({first}); training uncompiled")
+            module._compiled_call_impl = None
+            return module(*args, **kwargs)
+
+    module._compiled_call_impl = compiled_or_eager
