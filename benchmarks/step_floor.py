@@ -1,7 +1,7 @@
 """The trainer's step against its floor, per objective, with and without caches, on the toy and the
 mid-size SD1.5-architecture model, in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/step_floor.py [--rounds 3] [--steps 3] [--sizes toy mid]
+    OMP_NUM_THREADS=1 python benchmarks/step_floor.py [--rounds 3] [--sizes toy mid] [--compile]
 
 The floor is the compute a LoRA step cannot avoid, run outside the trainer on one fixed batch:
 the policy forward + backward and the AdamW step, plus the reference forward (the adapter switched
@@ -49,7 +49,8 @@ class Measure:
         return f"{self.size} / {self.cache} / {self.name}"
 
 
-def measures(sizes: list[str], compile_mid: bool) -> list[Measure]:
+def measures(sizes: list[str], compile_mid: bool, only: list[str] | None) -> list[Measure]:
+    """Every configuration of the run (``only``: those whose label contains one of the words)."""
     out = []
     for size in sizes:
         for cache in CACHES:
@@ -58,7 +59,7 @@ def measures(sizes: list[str], compile_mid: bool) -> list[Measure]:
                     for name in ("floor (policy)", "floor (policy + reference)")]
         if compile_mid and size == "mid":
             out.append(Measure(size, "trainer", "diffusion-dpo + compile", "cached"))
-    return out
+    return [m for m in out if not only or any(word in m.label for word in only)]
 
 
 def config_for(m: Measure, model: str, manifest: Path, out: Path, steps: int, batch: int):
@@ -164,47 +165,62 @@ def floor_steps(m: Measure, config, warmup: int, steps: int) -> list[float]:
 
 def run_round(plan: list[Measure], models: dict, manifest: Path, args, results: dict) -> None:
     for m in plan:
+        steps, warmup = args.steps[m.size], args.warmup + 2 * m.name.endswith("+ compile")
         with tempfile.TemporaryDirectory() as tmp:
-            total = args.warmup + args.steps + 1
-            config = config_for(m, models[m.size], manifest, Path(tmp) / "out", total, args.batch)
+            config = config_for(m, models[m.size], manifest, Path(tmp) / "out",
+                                warmup + steps + 1, args.batch)
             if m.kind == "trainer":
-                times = trainer_steps(m, config, args.warmup)
+                times = trainer_steps(m, config, warmup)
             else:
-                times = floor_steps(m, config, args.warmup, args.steps)
+                times = floor_steps(m, config, warmup, steps)
         results.setdefault(m.label, []).extend(times)
         print(f"  {m.label:52s} {1000 * statistics.median(times):9.1f} ms CPU", file=sys.stderr,
               flush=True)
 
 
-def median_ms(results: dict, m: Measure) -> float:
-    return 1000 * statistics.median(results[m.label])
+def median_ms(results: dict, m: Measure) -> float | None:
+    return 1000 * statistics.median(results[m.label]) if m.label in results else None
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a is not None and b is not None else ""
 
 
 def table(plan: list[Measure], results: dict) -> str:
+    """The cost table: each step's median CPU ms, against its floor (SFT: the policy alone) and
+    against Diffusion-DPO's trainer step with the same model and caches."""
     rows = ["| model | caches | step | CPU ms (median) | vs its floor | vs diffusion-dpo |",
             "|---|---|---|---:|---:|---:|"]
     for m in plan:
-        floor_name = "floor (policy)" if m.name.startswith("sft") and m.name != "sft + reference" \
-            else "floor (policy + reference)"
+        floor_name = "floor (policy)" if m.name == "sft" else "floor (policy + reference)"
         floor = median_ms(results, Measure(m.size, "floor", floor_name, m.cache))
         dpo = median_ms(results, Measure(m.size, "trainer", "diffusion-dpo", m.cache))
         ms = median_ms(results, m)
-        vs_floor = f"{ms / floor:.3f}" if m.kind == "trainer" else ""
-        rows.append(f"| {m.size} | {m.cache} | {m.name} | {ms:.1f} | {vs_floor} | {ms / dpo:.3f} |")
+        rows.append(f"| {m.size} | {m.cache} | {m.name} | {ms:.1f} | "
+                    f"{ratio(ms, floor) if m.kind == 'trainer' else ''} | {ratio(ms, dpo)} |")
+    for size, cache in sorted({(m.size, m.cache) for m in plan}):
+        before = median_ms(results, Measure(size, "trainer", "sft + reference", cache))
+        after = median_ms(results, Measure(size, "trainer", "sft", cache))
+        if before and after:
+            rows.append(f"\nSFT without the reference, {size} / {cache}: {before / after:.2f}x "
+                        "faster than SFT with it")
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--toy-steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--mid-steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compile: +2)")
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--sizes", nargs="*", default=["toy", "mid"], choices=["toy", "mid"])
     parser.add_argument("--compile", action="store_true",
                         help="also time diffusion-dpo with compile = true on the mid-size model")
+    parser.add_argument("--only", nargs="*", help="configurations whose label has one of these")
     parser.add_argument("--json", type=Path, help="also write the step times here")
     args = parser.parse_args()
+    args.steps = {"toy": args.toy_steps, "mid": args.mid_steps}
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from low_vram import CACHE, build_midsize_sd15
@@ -212,7 +228,7 @@ def main() -> None:
 
     started, cpu_started = time.time(), time.process_time()
     models = {"toy": "toy", "mid": str(build_midsize_sd15(CACHE / "midsize_sd15"))}
-    plan = measures(args.sizes, args.compile)
+    plan = measures(args.sizes, args.compile, args.only)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_rendered_pairs(Path(tmp) / "pairs", n_pairs=8)
@@ -222,7 +238,7 @@ def main() -> None:
     load = os.getloadavg()
     print(f"{args.batch} pairs/step, toy at {RESOLUTION['toy']} px, mid-size at "
           f"{RESOLUTION['mid']} px, {torch.get_num_threads()} thread(s); median of {args.rounds} "
-          f"rounds x {args.steps} steps; {time.time() - started:.0f} s wall, "
+          f"rounds x {args.toy_steps} (toy) / {args.mid_steps} (mid) steps; {time.time() - started:.0f} s wall, "
           f"{time.process_time() - cpu_started:.0f} s CPU; load average at the end "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores\n")
     print(table(plan, results))

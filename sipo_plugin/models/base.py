@@ -146,9 +146,22 @@ class ModelAdapter(ABC):
             hit = memo[id(module)] = (module, first, module.dtype)
         return hit[2]
 
-    @abstractmethod
     def set_adapters_enabled(self, enabled: bool) -> None:
-        """Switch the LoRA on or off in every module that carries one."""
+        """Switch the LoRA on or off in every trainable module (peft's ``enable_adapters`` on each
+        LoRA layer; off: the base weights alone), on the layers found once per module (finding
+        them walks every submodule: ms on a large denoiser, twice a step)."""
+        for module in self.trainable_modules():
+            for layer in self.lora_layers(module):
+                layer.enable_adapters(enabled)
+
+    def lora_layers(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """The peft tuner layers inside ``module``, found on first use (memo per module)."""
+        from .peft_lora import lora_layers
+        memo = self.__dict__.setdefault("_lora_layers", {})
+        hit = memo.get(id(module))
+        if hit is None or hit[0] is not module:
+            hit = memo[id(module)] = (module, lora_layers(module))
+        return hit[1]
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -202,6 +215,7 @@ class ModelAdapter(ABC):
 
     def add_trainable(self, network) -> list[torch.nn.Parameter]:
         """What trains: a LoRA (``network.finetune = "lora"``) or every denoiser weight ("full")."""
+        self.__dict__.pop("_lora_layers", None)  # new peft layers: find them again
         if network.finetune == "full":
             return self.unfreeze_denoiser()
         return self.add_lora(network)

@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
 from .lora_start import fresh_lora_config, inject_from_file
-from .peft_lora import TRAINED_ADAPTER, inject_lora, lora_config, set_active_lora, set_lora_enabled
+from .peft_lora import TRAINED_ADAPTER, inject_lora, lora_config, set_active_lora
 from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
 
 
@@ -150,10 +150,6 @@ class SD15Adapter(ModelAdapter):
         if not self._train_text_encoder:
             return [self.unet]
         return [self.unet, *(getattr(self, name) for name in self.text_encoder_names)]
-
-    def set_adapters_enabled(self, enabled: bool) -> None:
-        for module in self.trainable_modules():
-            set_lora_enabled(module, enabled)
 
     def set_active_adapter(self, name: str) -> None:
         for module in self.trainable_modules():

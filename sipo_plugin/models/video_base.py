@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 from .base import ModelAdapter
-from .peft_lora import inject_lora, lora_config, set_lora_enabled
+from .peft_lora import inject_lora, lora_config
 
 # [model] base_weights_dtype -> storage dtype of the frozen transformer weights ("": as loaded)
 BASE_WEIGHT_DTYPES = {"": None, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
@@ -159,5 +159,3 @@ class VideoTransformerAdapter(ModelAdapter):
     def trainable_modules(self) -> list[torch.nn.Module]:
         return [self.transformer]
 
-    def set_adapters_enabled(self, enabled: bool) -> None:
-        set_lora_enabled(self.transformer, enabled)

@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..objectives.registry import metrics_to_floats
-
 
 class MetricsLogger:
     """Averages each metric over a log interval; keys present in only some steps average over those."""
@@ -25,6 +23,7 @@ class MetricsLogger:
         self.is_main = accelerator.is_main_process
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
+        self._pending: list[tuple[list[str], torch.Tensor]] = []  # (keys, their values) per step
         self.last: dict = {}
         self._file = self.path.open("a", encoding="utf-8") if self.is_main else None
         self.trackers = False
@@ -45,21 +44,30 @@ class MetricsLogger:
         self._write({"event": name, "time": time.time(), **values})
 
     def accumulate(self, metrics: dict) -> None:
-        """Add a step's metrics: floats, or 0-dim tensors summed where they are (no host sync);
-        non-finite values are left out of their key's mean."""
+        """Add a step's metrics: floats now, 0-dim tensors stacked where they are and read at the
+        next flush (no host sync per step); non-finite values are left out of their key's mean."""
+        tensors = {k: v for k, v in metrics.items() if torch.is_tensor(v)}
+        if tensors:
+            device = next(iter(tensors.values())).device
+            self._pending.append((list(tensors), torch.stack(
+                [v.detach().float().reshape(()).to(device) for v in tensors.values()])))
         for key, value in metrics.items():
-            if torch.is_tensor(value):
-                value = value.detach().float()
-                finite = torch.isfinite(value)
-                self._sums[key] = self._sums[key] + torch.where(finite, value, 0.0)
-                self._counts[key] = self._counts[key] + finite.to(torch.int64)
-            elif value is not None and math.isfinite(value):
-                self._sums[key] += float(value)
-                self._counts[key] += 1
+            if key not in tensors:
+                self._add(key, value)
+
+    def _add(self, key: str, value) -> None:
+        if value is not None and math.isfinite(value):
+            self._sums[key] += float(value)
+            self._counts[key] += 1
 
     def flush(self, step: int, **extra) -> dict:
-        sums, counts = metrics_to_floats(self._sums), metrics_to_floats(self._counts)  # one sync per interval
-        means = {f"train/{k}": sums[k] / counts[k] for k in sums if counts[k] > 0}
+        if self._pending:  # one host transfer for the interval
+            values = torch.cat([v for _, v in self._pending]).tolist()
+            keys = [k for names, _ in self._pending for k in names]
+            for key, value in zip(keys, values, strict=True):
+                self._add(key, value)
+            self._pending.clear()
+        means = {f"train/{k}": self._sums[k] / self._counts[k] for k in self._sums}
         means.update({f"train/{k}": v for k, v in extra.items()})
         self._sums.clear()
         self._counts.clear()
