@@ -54,7 +54,12 @@ VARIANTS = {
     "sipo-shared-max": ("sipo", {"pair_weight": "shared_max"}, True),
     "diffusion-dpo-nosft": ("diffusion-dpo", {"sft_weight": 0.0}, True),
     "sipo-nosft": ("sipo", {"sft_weight": 0.0}, True),
+    "dpo-cm-skip": ("dpo-cm", {}, True),  # + skip_masked_timesteps (TRAINING_OVERRIDES)
+    "sipo-skip": ("sipo", {}, True),
 }
+# variant -> [training] overrides; these variants run only when named (--variants)
+TRAINING_OVERRIDES = {"dpo-cm-skip": ["--skip_masked_timesteps", "true"],
+                      "sipo-skip": ["--skip_masked_timesteps", "true"]}
 DATA_KINDS = ("on_policy", "off_policy")
 SFT_PER_BETA = 1.0 / 5000.0  # the demo's sft_weight 1.0 at beta 5000, kept proportional to beta
 
@@ -174,7 +179,7 @@ def run_config(spec: RunSpec):
         "--max_train_steps", str(s.steps), "--train_batch_size", str(s.batch),
         "--logging_steps", str(s.steps), "--eval_samples", str(s.eval_samples),
         "--overwrite", "true",  # a rerun (after an interruption) replaces the unfinished run
-        *objective_overrides(spec.variant, spec.beta)]
+        *objective_overrides(spec.variant, spec.beta), *TRAINING_OVERRIDES.get(spec.variant, [])]
     return load_config(None, overrides)
 
 
@@ -194,6 +199,14 @@ def evaluate_snapshots(spec: RunSpec, config, result, snapshots: dict) -> dict[i
                               num_inference_steps=spec.settings.eval_inference_steps)
         out[step] = evaluate(base, tuned, prompts, "colour")
     return out
+
+
+def first_timestep(config) -> int:
+    """The smallest timestep the run drew (skip_masked_timesteps; 0 otherwise), from its log."""
+    log = Path(config.training.output_dir) / "metrics.jsonl"
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return next((e["first_timestep"] for e in events if e.get("event") == "skip_masked_timesteps"),
+                0)
 
 
 def run_one(spec: RunSpec) -> dict:
@@ -230,6 +243,8 @@ def run_one(spec: RunSpec) -> dict:
         "nonfinite": nonfinite, "error": error,
         "collapsed": nonfinite or not fid_drop <= spec.settings.fidelity_drop,
         "wall_s": round(time.time() - start, 1),
+        "mask_fraction": result.last_metrics.get("train/mask_fraction") if result else None,
+        "first_timestep": first_timestep(config),
     }
     spec.result_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec.result_path, json.dumps(row, indent=1))
@@ -379,6 +394,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "grad_norm_std": spread([r["grad_norm"]["std"] for r in runs]),
             "collapse_rate": sum(r["collapsed"] for r in runs) / len(runs),
             "wall_s": spread([r["wall_s"] for r in runs]),
+            "mask_fraction": spread([r.get("mask_fraction") for r in runs]),
+            "first_timestep": spread([r.get("first_timestep", 0) for r in runs]),
         })
     variant_order = list(VARIANTS)
     out.sort(key=lambda c: (c["data"], variant_order.index(c["variant"]), c["beta"] or 0))
@@ -505,7 +522,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--betas", type=float, nargs="+", default=[300.0, 1000.0, 3000.0, 10000.0])
     p.add_argument("--ablation-beta", type=float, default=3000.0,
                    help="the beta of the *-nosft variants (sft_weight = 0)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   default=[v for v in VARIANTS if v not in TRAINING_OVERRIDES])
     p.add_argument("--data", nargs="+", default=list(DATA_KINDS), choices=DATA_KINDS)
     for name in ("steps", "batch", "num_pairs", "eval_samples", "eval_points",
                  "eval_inference_steps"):

@@ -3,16 +3,19 @@ mid-size SD1.5-architecture model, in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/step_floor.py [--rounds 3] [--sizes toy mid] [--compile]
 
-The floor is the compute a LoRA step cannot avoid, run outside the trainer on one fixed batch:
-the policy forward + backward and the AdamW step, plus the reference forward (the adapter switched
-off, no grad) for the preference objectives, plus the VAE and text-encoder forwards when nothing is
-cached. The trainer's step is one iteration of ``sipo_plugin.training.loop.train``'s loop (from
-one ``train_step`` call to the next: data, draws, both forwards, objective, backward, clipping,
-optimizer, metrics). "sft + reference" is SFT as it ran before objectives declared that they need
-no reference (the reference forward is forced back on). Every configuration runs once per round,
-rounds interleave the configurations, and each number is the median over rounds x steps of this
-process's CPU time (``time.process_time``: steadier than wall time on a shared machine).
-Preference objectives use a fixed kappa (30.0), so no calibration pass is timed or paid for.
+The floor is the compute a LoRA step cannot avoid, run outside the trainer on one fixed batch with
+its own copy of the model: the policy forward + backward and the AdamW step, plus the reference
+forward (the adapter switched off, no grad) for the preference objectives (not for SFT), plus the
+VAE and text-encoder forwards when nothing is cached. The trainer's step is one iteration of
+``sipo_plugin.training.loop.train``'s loop (from one ``train_step`` call to the next: data, draws,
+both forwards, objective, backward, clipping, optimizer, metrics). Each trainer step is paired
+with a floor step run just before it in the same process, so both see the same load; the ratio is
+that of the medians. "sft + reference" is SFT as it ran before objectives declared that they need
+no reference (the reference forward forced back on; its floor includes the reference). Every
+configuration runs once per round, rounds interleave the configurations, and each number is the
+median over rounds x steps of this process's CPU time (``time.process_time``: steadier than wall
+time on a shared machine). Preference objectives use a fixed kappa (30.0), so no calibration pass
+is timed or paid for.
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ RESOLUTION = {"toy": 32, "mid": 128}
 @dataclasses.dataclass(frozen=True)
 class Measure:
     size: str
-    kind: str  # "trainer", or "floor"
-    name: str  # an objective, "sft + reference", "floor (policy)" or "floor (policy + reference)"
+    name: str  # an objective, "sft + reference" or "diffusion-dpo + compile"
     cache: str  # a CACHES key
 
     @property
     def label(self) -> str:
         return f"{self.size} / {self.cache} / {self.name}"
+
+    @property
+    def floor_has_reference(self) -> bool:
+        return self.name != "sft"
 
 
 def measures(sizes: list[str], compile_mid: bool, only: list[str] | None) -> list[Measure]:
@@ -54,18 +60,16 @@ def measures(sizes: list[str], compile_mid: bool, only: list[str] | None) -> lis
     out = []
     for size in sizes:
         for cache in CACHES:
-            out += [Measure(size, "trainer", name, cache) for name in (*OBJECTIVES, "sft + reference")]
-            out += [Measure(size, "floor", name, cache)
-                    for name in ("floor (policy)", "floor (policy + reference)")]
+            out += [Measure(size, name, cache) for name in (*OBJECTIVES, "sft + reference")]
         if compile_mid and size == "mid":
-            out.append(Measure(size, "trainer", "diffusion-dpo + compile", "cached"))
+            out.append(Measure(size, "diffusion-dpo + compile", "cached"))
     return [m for m in out if not only or any(word in m.label for word in only)]
 
 
 def config_for(m: Measure, model: str, manifest: Path, out: Path, steps: int, batch: int):
     from sipo_plugin.training.config import load_config
     objective = {"sft + reference": "sft", "diffusion-dpo + compile": "diffusion-dpo"}.get(
-        m.name, m.name if m.kind == "trainer" else "diffusion-dpo")
+        m.name, m.name)
     kappa = ["--kappa", "30.0"] if objective in ("dpo-cm", "sipo") else []
     compiled = ["--compile", "true"] if m.name.endswith("+ compile") else []
     return load_config(None, [
@@ -88,79 +92,89 @@ def sft_with_reference():
         registry._SPECS["sft"] = spec
 
 
-@contextlib.contextmanager
-def timed_iterations(times: list[float]):
-    """CPU time of each loop iteration: from one ``train_step`` call to the next (the last step
-    ends when ``train`` returns)."""
-    from sipo_plugin.training import loop
-    original, marks = loop.train_step, []
+class FloorStep:
+    """One floor step per call on its own copy of the model and a fixed batch (see the module
+    docstring); returns its CPU seconds."""
 
-    def marked(*args, **kwargs):
-        marks.append(time.process_time())
+    def __init__(self, m: Measure, config):
+        import torch
+
+        from sipo_plugin.data import read_pairs
+        from sipo_plugin.models import get_model_adapter
+        from sipo_plugin.training.loop import make_dataloader
+        self.live, self.reference = m.cache == "live", m.floor_has_reference
+        adapter = get_model_adapter(config.model.family).load(config.model,
+                                                              device=torch.device("cpu"))
+        self.optimizer = torch.optim.AdamW(adapter.add_trainable(config.network),
+                                           lr=config.training.learning_rate)
+        self.batch = next(iter(make_dataloader(config, read_pairs(config.data.train_data),
+                                               total=1)))
+        self.generator = torch.Generator().manual_seed(0)
+        self.adapter, self.layers = adapter, adapter.lora_layers(adapter.unet)
+        self.latents, self.states = self.encode()
+        self.noise = torch.randn(self.latents.shape, generator=self.generator)
+        pairs = self.latents.shape[0] // 2
+        self.t = torch.randint(0, 1000, (pairs,), generator=self.generator).repeat(2)
+
+    def encode(self):
+        import torch
+        latents = self.adapter.encode_images(self.batch["pixel_values"], self.generator)
+        with torch.no_grad():
+            cond = self.adapter.encode_prompts(self.batch["prompts"])
+        return latents, self.adapter.pair_conditioning(cond, self.batch)["encoder_hidden_states"]
+
+    def __call__(self) -> float:
+        import torch
+        start = time.process_time()
+        latents, states = self.encode() if self.live else (self.latents, self.states)
+        unet = self.adapter.unet
+        noisy = self.adapter.make_noisy(latents, self.noise, self.t)
+        pred = unet(noisy.noisy, self.t, states, return_dict=False)[0]
+        (pred - noisy.target).square().mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.reference:
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.enable_adapters(False)
+                unet(noisy.noisy, self.t, states, return_dict=False)
+                for layer in self.layers:
+                    layer.enable_adapters(True)
+        return time.process_time() - start
+
+
+@contextlib.contextmanager
+def paired_steps(floor: FloorStep, trainer: list[float], floors: list[float]):
+    """Each ``train_step`` call runs a floor step first; ``trainer`` gets the CPU time of each
+    loop iteration without it (from the end of one floor step to the start of the next; the last
+    iteration ends when ``train`` returns)."""
+    from sipo_plugin.training import loop
+    original, starts, ends = loop.train_step, [], []
+
+    def paired(*args, **kwargs):
+        starts.append(time.process_time())
+        floors.append(floor())
+        ends.append(time.process_time())
         return original(*args, **kwargs)
 
-    loop.train_step = marked
+    loop.train_step = paired
     try:
         yield
     finally:
         loop.train_step = original
-        marks.append(time.process_time())
-        times.extend(b - a for a, b in zip(marks, marks[1:]))
+        starts.append(time.process_time())
+        trainer.extend(b - a for a, b in zip(ends, starts[1:]))
 
 
-def trainer_steps(m: Measure, config, warmup: int) -> list[float]:
+def measure_steps(m: Measure, config, warmup: int) -> tuple[list[float], list[float]]:
+    """(trainer step, floor step) CPU seconds of the timed steps."""
     from sipo_plugin.training import loop
-    times: list[float] = []
+    floor = FloorStep(m, config)
+    trainer, floors = [], []
     context = sft_with_reference() if m.name == "sft + reference" else contextlib.nullcontext()
-    with context, timed_iterations(times):
+    with context, paired_steps(floor, trainer, floors):
         loop.train(config)
-    return times[warmup:-1]  # the last iteration also holds the end-of-run logging
-
-
-def floor_steps(m: Measure, config, warmup: int, steps: int) -> list[float]:
-    """The floor of ``config``'s step on one fixed batch (see the module docstring)."""
-    import torch
-
-    from sipo_plugin.data import read_pairs
-    from sipo_plugin.models import get_model_adapter
-    from sipo_plugin.training.loop import make_dataloader
-
-    adapter = get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"))
-    params = adapter.add_trainable(config.network)
-    optimizer = torch.optim.AdamW(params, lr=config.training.learning_rate)
-    batch = next(iter(make_dataloader(config, read_pairs(config.data.train_data), total=1)))
-    generator = torch.Generator().manual_seed(0)
-    lora_layers = [layer for layer in adapter.unet.modules() if hasattr(layer, "enable_adapters")
-                   and hasattr(layer, "lora_A")]
-
-    def encode():
-        latents = adapter.encode_images(batch["pixel_values"], generator)
-        with torch.no_grad():
-            cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
-        return latents, cond["encoder_hidden_states"]
-
-    latents, states = encode()
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, 1000, (latents.shape[0] // 2,), generator=generator).repeat(2)
-    times = []
-    for _ in range(warmup + steps):
-        start = time.process_time()
-        if m.cache == "live":
-            latents, states = encode()
-        noisy = adapter.make_noisy(latents, noise, t)
-        pred = adapter.unet(noisy.noisy, t, states, return_dict=False)[0]
-        (pred - noisy.target).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if m.name == "floor (policy + reference)":
-            with torch.no_grad():
-                for layer in lora_layers:
-                    layer.enable_adapters(False)
-                adapter.unet(noisy.noisy, t, states, return_dict=False)
-                for layer in lora_layers:
-                    layer.enable_adapters(True)
-        times.append(time.process_time() - start)
-    return times[warmup:]
+    return trainer[warmup:-1], floors[warmup:-1]  # the last also holds the end-of-run logging
 
 
 def run_round(plan: list[Measure], models: dict, manifest: Path, args, results: dict) -> None:
@@ -169,17 +183,16 @@ def run_round(plan: list[Measure], models: dict, manifest: Path, args, results: 
         with tempfile.TemporaryDirectory() as tmp:
             config = config_for(m, models[m.size], manifest, Path(tmp) / "out",
                                 warmup + steps + 1, args.batch)
-            if m.kind == "trainer":
-                times = trainer_steps(m, config, warmup)
-            else:
-                times = floor_steps(m, config, warmup, steps)
-        results.setdefault(m.label, []).extend(times)
-        print(f"  {m.label:52s} {1000 * statistics.median(times):9.1f} ms CPU", file=sys.stderr,
-              flush=True)
+            trainer, floor = measure_steps(m, config, warmup)
+        results.setdefault(m.label, {"trainer": [], "floor": []})
+        results[m.label]["trainer"] += trainer
+        results[m.label]["floor"] += floor
+        print(f"  {m.label:45s} trainer {1000 * statistics.median(trainer):9.1f} ms CPU, floor "
+              f"{1000 * statistics.median(floor):9.1f} ms", file=sys.stderr, flush=True)
 
 
-def median_ms(results: dict, m: Measure) -> float | None:
-    return 1000 * statistics.median(results[m.label]) if m.label in results else None
+def median_ms(results: dict, m: Measure, kind: str = "trainer") -> float | None:
+    return 1000 * statistics.median(results[m.label][kind]) if m.label in results else None
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -187,24 +200,44 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(plan: list[Measure], results: dict) -> str:
-    """The cost table: each step's median CPU ms, against its floor (SFT: the policy alone) and
-    against Diffusion-DPO's trainer step with the same model and caches."""
-    rows = ["| model | caches | step | CPU ms (median) | vs its floor | vs diffusion-dpo |",
-            "|---|---|---|---:|---:|---:|"]
+    """The cost table: each trainer step's median CPU ms, its paired floor's, their ratio, and
+    the step against Diffusion-DPO's trainer step with the same model and caches."""
+    rows = ["| model | caches | objective | trainer step, CPU ms | floor, CPU ms | trainer / floor "
+            "| vs diffusion-dpo |", "|---|---|---|---:|---:|---:|---:|"]
     for m in plan:
-        floor_name = "floor (policy)" if m.name == "sft" else "floor (policy + reference)"
-        floor = median_ms(results, Measure(m.size, "floor", floor_name, m.cache))
-        dpo = median_ms(results, Measure(m.size, "trainer", "diffusion-dpo", m.cache))
-        ms = median_ms(results, m)
-        rows.append(f"| {m.size} | {m.cache} | {m.name} | {ms:.1f} | "
-                    f"{ratio(ms, floor) if m.kind == 'trainer' else ''} | {ratio(ms, dpo)} |")
+        ms, floor = median_ms(results, m), median_ms(results, m, "floor")
+        dpo = median_ms(results, Measure(m.size, "diffusion-dpo", m.cache))
+        rows.append(f"| {m.size} | {m.cache} | {m.name} | {ms:.1f} | {floor:.1f} | "
+                    f"{ratio(ms, floor)} | {ratio(ms, dpo)} |")
     for size, cache in sorted({(m.size, m.cache) for m in plan}):
-        before = median_ms(results, Measure(size, "trainer", "sft + reference", cache))
-        after = median_ms(results, Measure(size, "trainer", "sft", cache))
+        before = median_ms(results, Measure(size, "sft + reference", cache))
+        after = median_ms(results, Measure(size, "sft", cache))
         if before and after:
             rows.append(f"\nSFT without the reference, {size} / {cache}: {before / after:.2f}x "
                         "faster than SFT with it")
     return "\n".join(rows)
+
+
+def sizes_side_by_side(args) -> dict:
+    """Each size in its own process (this script with ``--sizes SIZE --jobs 1``), at once: more
+    of a shared machine's CPU, the same CPU time per step."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for size in args.sizes:
+            command = [sys.executable, __file__, "--sizes", size, "--jobs", "1", "--json",
+                       str(Path(tmp) / f"{size}.json"), "--rounds", str(args.rounds),
+                       "--toy-steps", str(args.toy_steps), "--mid-steps", str(args.mid_steps),
+                       "--warmup", str(args.warmup), "--batch", str(args.batch),
+                       *(["--compile"] if args.compile else []),
+                       *(["--only", *args.only] if args.only else [])]
+            jobs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        if any(job.wait() != 0 for job in jobs):
+            raise SystemExit("a size's run failed (its output is above)")
+        results = {}
+        for size in args.sizes:
+            results.update(json.loads((Path(tmp) / f"{size}.json").read_text()))
+    return results
 
 
 def main() -> None:
@@ -219,6 +252,8 @@ def main() -> None:
                         help="also time diffusion-dpo with compile = true on the mid-size model")
     parser.add_argument("--only", nargs="*", help="configurations whose label has one of these")
     parser.add_argument("--json", type=Path, help="also write the step times here")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="sizes measured side by side, one process each (one thread each)")
     args = parser.parse_args()
     args.steps = {"toy": args.toy_steps, "mid": args.mid_steps}
     import torch
@@ -229,12 +264,15 @@ def main() -> None:
     started, cpu_started = time.time(), time.process_time()
     models = {"toy": "toy", "mid": str(build_midsize_sd15(CACHE / "midsize_sd15"))}
     plan = measures(args.sizes, args.compile, args.only)
-    results: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = make_rendered_pairs(Path(tmp) / "pairs", n_pairs=8)
-        for r in range(args.rounds):
-            print(f"round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            run_round(plan, models, manifest, args, results)
+    results: dict[str, dict[str, list[float]]] = {}
+    if args.jobs > 1 and len(args.sizes) > 1:
+        results = sizes_side_by_side(args)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = make_rendered_pairs(Path(tmp) / "pairs", n_pairs=8)
+            for r in range(args.rounds):
+                print(f"round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
+                run_round(plan, models, manifest, args, results)
     load = os.getloadavg()
     print(f"{args.batch} pairs/step, toy at {RESOLUTION['toy']} px, mid-size at "
           f"{RESOLUTION['mid']} px, {torch.get_num_threads()} thread(s); median of {args.rounds} "
