@@ -491,7 +491,8 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path]:
                 gains = np.array([[0.0] + [r["curve"][str(k)]["reward_gain"] for k in steps[1:]]
                                   for r in group])  # [seeds, points]
                 # dashes and markers keep overlapping curves (dpo-cm and sipo often are) visible
-                line, = ax.plot(steps, gains.mean(0), marker="os^vDPX"[i], ms=3, label=variant,
+                marker = "os^vDPX<>*h"[i % 11]
+                line, = ax.plot(steps, gains.mean(0), marker=marker, ms=3, label=variant,
                                 ls=("-", "--", ":", "-.")[i % 4], color=f"C{i}")
                 ax.fill_between(steps, gains.min(0), gains.max(0), alpha=0.15,
                                 color=line.get_color())

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -274,10 +275,12 @@ def main() -> None:
                 print(f"round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
                 run_round(plan, models, manifest, args, results)
     load = os.getloadavg()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu_started + children.ru_utime + children.ru_stime
     print(f"{args.batch} pairs/step, toy at {RESOLUTION['toy']} px, mid-size at "
           f"{RESOLUTION['mid']} px, {torch.get_num_threads()} thread(s); median of {args.rounds} "
-          f"rounds x {args.toy_steps} (toy) / {args.mid_steps} (mid) steps; {time.time() - started:.0f} s wall, "
-          f"{time.process_time() - cpu_started:.0f} s CPU; load average at the end "
+          f"rounds x {args.toy_steps} (toy) / {args.mid_steps} (mid) steps; "
+          f"{time.time() - started:.0f} s wall, {cpu:.0f} s CPU; load average at the end "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores\n")
     print(table(plan, results))
     if args.json:
