@@ -3,7 +3,9 @@
 
     python train_sipo.py --preset presets/demo.toml [--key value ...]
     python train_sipo.py --list-objectives   (--list-rewards: the reward models)
-    python train_sipo.py --preset P --check      # validate the preset and overrides, then stop
+    python train_sipo.py --preset P --check      # validate the preset, overrides, model folder
+                                                 # and pair data (no model load), then stop
+    python train_sipo.py --preset P --check --deep   # ... and decode every image
     python train_sipo.py --preset P --analyze    # importance weights, mask, gradient per timestep
     python train_sipo.py --config_file sd_scripts.toml [--dataset_config pairs.toml]  # sd-scripts'
     python train_sipo.py --preset P --evaluate   # base vs base + LoRA, scored by the rewards
@@ -40,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-rewards", action="store_true",
                         help="print every registered reward (for sipo-pairs score and evaluation)")
     parser.add_argument("--check", action="store_true",
-                        help="validate the preset and overrides, print the resolved config, stop")
+                        help="validate the preset and overrides, the model folder against family "
+                        "and the pair data (paths, captions); print every problem found, or the "
+                        "resolved config; stop (no torch import: about a second)")
+    parser.add_argument("--deep", action="store_true",
+                        help="with --check: also decode every image of the pair data")
     parser.add_argument("--analyze", action="store_true",
                         help="instead of training: per timestep bucket, the importance weights, "
                         "the masked fraction and each objective's per-pair gradient norm "
@@ -78,6 +84,29 @@ def write_output_config(args, overrides: list[str]) -> int:
     return 0
 
 
+def print_errors(problems: list[str]) -> None:
+    """``error: ...`` lines on stderr, each on its own line (live progress bars are closed first,
+    so no line is glued to one)."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def check(config, *, deep: bool) -> int:
+    """--check: the model folder and the pair data (without loading a model); every problem, or
+    the resolved config."""
+    import json
+    from sipo_plugin.training.checks import startup_problems
+    problems = startup_problems(config, deep=deep)
+    if problems:
+        print_errors(problems)
+        return 2
+    print(json.dumps(config.to_dict(), indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     if args.list_objectives:
@@ -95,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             return write_output_config(args, overrides)
         config = load_config(args.preset, overrides, config_file=args.config_file)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        further = getattr(err, "config", None) if args.check else None
+        if further is not None:
+            from sipo_plugin.training.checks import startup_problems
+            err.problems.extend(startup_problems(further, deep=args.deep))
+        print_errors(err.problems)
         return 2
     if args.check:
-        import json
-        print(json.dumps(config.to_dict(), indent=2, default=str))
-        return 0
+        return check(config, deep=args.deep)
     from sipo_plugin.training.run import run
     from sipo_plugin.data import PairDataError
     from sipo_plugin.training.loop import NonFiniteLossError
@@ -116,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run(config)
     except (PairDataError, NonFiniteLossError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_errors(getattr(err, "problems", [str(err)]))
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished files are intact; nothing partial was written", file=sys.stderr)

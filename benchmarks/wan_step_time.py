@@ -57,7 +57,7 @@ def one(size: str, steps: int, threads: int) -> dict:
             "--video_height", str(height), "--video_width", str(width), "--lora_format", "wan",
             "--output_dir", str(tmp / "out"), "--max_train_steps", str(steps),
             "--train_batch_size", "1", "--network_dim", "16", "--network_alpha", "16",
-            "--objective", "sipo", "--calibration_batches", "1", "--logging_steps", "1000"])
+            "--objective", "sipo", "--calibration_pairs", "1", "--logging_steps", "1000"])
         transformer_params = None
         with timed_train_steps() as steps_timed:
             run(config)

@@ -105,7 +105,7 @@ def test_analyze_command_on_the_toy_model(tmp_path):
         "--preset", str(ROOT / "presets" / "demo.toml"), "--analyze", "--analysis-pairs", "4",
         "--analysis-buckets", "3", "--analysis-grad-pairs", "2", "--pairs_prompts", '""',
         "--train_data", str(manifest), "--output_dir", str(out), "--train_batch_size", "2",
-        "--calibration_batches", "2", "--eval_after_training", "false"])
+        "--calibration_pairs", "4", "--eval_after_training", "false"])
     assert code == 0
     folder = out / "analysis"
     summary = json.loads((folder / "analysis.json").read_text())
@@ -167,7 +167,7 @@ def test_analysis_runs_on_every_family(family, tmp_path):
 
     config = load_config(None, [*_family_overrides(family, tmp_path), "--objective", "sipo",
                                 "--output_dir", str(tmp_path / "out"),
-                                "--calibration_batches", "2"])
+                                "--calibration_pairs", "4"])
     summary = run_analysis(config, n_pairs=2, n_buckets=2, grad_pairs=1)
     assert summary["pairs_per_bucket"] == [2, 2] and summary["grad_pairs_per_bucket"] == [1, 1]
     lo, hi = summary["timestep_range_seen"]

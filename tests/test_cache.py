@@ -160,7 +160,7 @@ def load_config_sdxl(model_dir, manifest, output_dir):
     return load_config(None, [
         "--family", "sdxl", "--pretrained_model_name_or_path", str(model_dir),
         "--train_data", str(manifest), "--resolution", "16", "--output_dir", str(output_dir),
-        "--max_train_steps", "2", "--train_batch_size", "2", "--calibration_batches", "2",
+        "--max_train_steps", "2", "--train_batch_size", "2", "--calibration_pairs", "4",
         "--finetune", "full", "--reference", "cached", "--cache_latents", "true",
         "--cache_text_encoder_outputs", "true", "--objective", "sipo", "--kappa", "auto"])
 

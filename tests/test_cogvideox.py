@@ -170,7 +170,7 @@ def video_overrides(model_dir: Path, manifest: Path, output_dir: Path, *extra: s
             "--train_data", str(manifest), "--num_frames", "5", "--frame_fps", "8",
             "--video_height", "16", "--video_width", "32", "--lora_format", "diffusers",
             "--output_dir", str(output_dir), "--max_train_steps", "2", "--train_batch_size", "2",
-            "--learning_rate", "1e-3", "--calibration_batches", "1", "--logging_steps", "1",
+            "--learning_rate", "1e-3", "--calibration_pairs", "2", "--logging_steps", "1",
             "--network_dim", "4", "--network_alpha", "2", *extra]
 
 

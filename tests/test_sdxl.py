@@ -352,7 +352,7 @@ def test_short_sipo_run_trains_and_exports_a_loadable_kohya_lora(model_dir, tmp_
         "--family", "sdxl", "--pretrained_model_name_or_path", str(model_dir),
         "--train_data", str(make_pairs(tmp_path / "pairs")), "--resolution", "16",
         "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3", "--train_batch_size", "2",
-        "--learning_rate", "1e-2", "--calibration_batches", "2", "--logging_steps", "1",
+        "--learning_rate", "1e-2", "--calibration_pairs", "4", "--logging_steps", "1",
         "--train_text_encoder", "true", "--objective", "sipo", "--kappa", "auto",
         "--save_precision", "float"])  # the exact round trip; fp16 files: test_network_options
     result = train(config)

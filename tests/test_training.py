@@ -42,7 +42,7 @@ def short_run(manifest: Path, output_dir: Path, *extra: str):
     return load_config(None, ["--train_data", str(manifest), "--resolution", "32",
                               "--output_dir", str(output_dir), "--max_train_steps", "3",
                               "--train_batch_size", "2", "--learning_rate", "1e-3",
-                              "--calibration_batches", "2", "--logging_steps", "1", *extra])
+                              "--calibration_pairs", "4", "--logging_steps", "1", *extra])
 
 
 class Log:

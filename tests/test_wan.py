@@ -354,7 +354,7 @@ def wan_overrides(wan_folder, manifest, output_dir, *extra) -> list[str]:
             "--train_data", str(manifest), "--num_frames", "5", "--video_height", "32",
             "--video_width", "32", "--lora_format", "wan", "--output_dir", str(output_dir),
             "--max_train_steps", "2", "--train_batch_size", "1", "--learning_rate", "1e-3",
-            "--calibration_batches", "1", "--logging_steps", "1", "--network_dim", "4", *extra]
+            "--calibration_pairs", "4", "--logging_steps", "1", "--network_dim", "4", *extra]
 
 
 def test_config_refuses_kohya_and_musubi_without_ffn(wan_folder, video_manifest, tmp_path):
@@ -417,7 +417,7 @@ def test_the_preset_trains_with_its_memory_options_on_the_tiny_model(wan_folder,
         "--pretrained_model_name_or_path", str(wan_folder), "--train_data", str(video_manifest),
         "--num_frames", "5", "--video_height", "32", "--video_width", "32",
         "--max_train_steps", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-        "--calibration_batches", "1", "--dataloader_num_workers", "0", "--log_with", "none",
+        "--calibration_pairs", "4", "--dataloader_num_workers", "0", "--log_with", "none",
         "--output_dir", str(tmp_path), "--save_every_n_steps", "0", "--network_dim", "4",
         "--base_weights_dtype", "fp8", *extra])
     assert config.data.cache_text_encoder_outputs and config.training.gradient_checkpointing

@@ -20,25 +20,22 @@ from .collect import (WEIGHT_DEFAULTS, analysis_records, collect, compared_objec
 from .plots import write_plots
 
 
-def analysis_kappa(config, adapter, reference, settings: dict, checkpoint, generator
-                   ) -> tuple[float, str]:
+def analysis_kappa(config, adapter, reference, settings: dict, checkpoint) -> tuple[float, str]:
     """The run's kappa: the checkpoint's, the preset's number, or calibrated like the trainer."""
     if checkpoint is not None and "kappa" in checkpoint["objective_hyperparameters"]:
         return float(checkpoint["objective_hyperparameters"]["kappa"]), "from the checkpoint"
     if settings["kappa"] != "auto":
         return float(settings["kappa"]), "from the preset"
     from ..data import read_pairs
-    from ..training.loop import calibrate, make_dataloader
+    from ..training.loop import calibrate, calibration_loader
 
     name = config.objective.name
     source = name if "mask_threshold" in objective_fields(name) else WEIGHT_DEFAULTS
     accepted = objective_fields(source)
     hp = {k: v for k, v in config.objective.hyperparameters.items() if k in accepted}
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
-    t = config.training
-    batches = max(1, min(t.calibration_batches, len(records) // t.train_batch_size))
-    loader = make_dataloader(config, records, total=batches)
-    kappa = calibrate(get_objective(source, **hp), adapter, loader, generator, reference)
+    kappa = calibrate(get_objective(source, **hp), adapter, calibration_loader(config, records),
+                      config.training.seed, reference)
     return kappa, "calibrated (kappa = 'auto', as the trainer does)"
 
 
@@ -69,7 +66,7 @@ def run_analysis(config, *, n_pairs: int = 64, n_buckets: int = 10, grad_pairs: 
     adapter, params, reference, checkpoint = load_for_analysis(config)
     settings = weight_settings(config)
     settings["kappa"], kappa_source = analysis_kappa(config, adapter, reference, settings,
-                                                     checkpoint, generator)
+                                                     checkpoint)
     objectives = compared_objectives(config, settings["kappa"])
     tqdm.write(f"analysing {len(records)} pairs x {n_buckets} timestep buckets "
                f"({config.model.family}, {sum(p.numel() for p in params):,} trainable parameters)")

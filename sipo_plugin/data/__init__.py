@@ -1,50 +1,34 @@
 """Preference-pair data: readers (folder w/ l/, JSONL, CSV, Pick-a-Pic parquet), image loading,
-aspect-ratio buckets, augmentation, batch layout."""
+aspect-ratio buckets, augmentation, batch layout.
 
-from .augment import Draw, PairAugmentation
-from .buckets import BucketSpec, bucket_resolutions, pair_bucket_hw, select_bucket
-from .errors import PairDataError
-from .images import IMAGE_EXTENSIONS, fit_to_size, load_image
-from .loader import make_pair_loader, pair_target_sizes
-from .pairs import (
-    PairDataset,
-    PairRecord,
-    collate_pairs,
-    read_csv_manifest,
-    read_jsonl_manifest,
-    read_pair_folder,
-    read_pairs,
-    split_pair,
-)
-from .pickapic import ParquetImage, read_pickapic
-from .sampler import BucketBatchSampler, PairBatchSampler
-from .sources import ImageReader, ImageSource
+Names load from their modules on first use: the readers and image checks need no torch
+(``--check`` uses them); the dataset, samplers and loader do.
+"""
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "BucketBatchSampler",
-    "BucketSpec",
-    "Draw",
-    "ImageReader",
-    "ImageSource",
-    "PairAugmentation",
-    "PairDataError",
-    "PairDataset",
-    "PairBatchSampler",
-    "PairRecord",
-    "ParquetImage",
-    "bucket_resolutions",
-    "collate_pairs",
-    "fit_to_size",
-    "load_image",
-    "make_pair_loader",
-    "pair_bucket_hw",
-    "pair_target_sizes",
-    "read_csv_manifest",
-    "read_jsonl_manifest",
-    "read_pair_folder",
-    "read_pairs",
-    "read_pickapic",
-    "select_bucket",
-    "split_pair",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "augment": ("Draw", "PairAugmentation"),
+    "buckets": ("BucketSpec", "bucket_resolutions", "pair_bucket_hw", "select_bucket"),
+    "errors": ("PairDataError",),
+    "images": ("IMAGE_EXTENSIONS", "fit_to_size", "load_image"),
+    "loader": ("make_pair_loader", "pair_target_sizes"),
+    "pairs": ("PairDataset", "collate_pairs", "split_pair"),
+    "readers": ("PairRecord", "read_csv_manifest", "read_jsonl_manifest", "read_pair_folder",
+                "read_pairs"),
+    "pickapic": ("ParquetImage", "read_pickapic"),
+    "sampler": ("BucketBatchSampler", "PairBatchSampler"),
+    "sources": ("ImageReader", "ImageSource"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value

@@ -7,9 +7,13 @@ import math
 from pathlib import Path
 from typing import Callable, NamedTuple, TypeVar
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch loads on first use: the data checks decode images without it
+    import torch
 
 from .errors import PairDataError
 
@@ -36,6 +40,12 @@ def _decode_error(where: str, err: Exception) -> PairDataError:
     )
 
 
+def _bomb_error(where: str, err: Exception) -> PairDataError:
+    return PairDataError(
+        f"{where}: image too large to decode safely ({err}); resize it below "
+        f"{Image.MAX_IMAGE_PIXELS:,} pixels or remove the pair")
+
+
 def _read_image(source: str | Path | bytes, where: str, read: Callable[[Image.Image], _T]) -> _T:
     """``read`` of the image in ``source`` (a file, or encoded bytes); PairDataError naming
     ``where`` if the file is missing or does not decode."""
@@ -44,13 +54,27 @@ def _read_image(source: str | Path | bytes, where: str, read: Callable[[Image.Im
             return read(img)
     except FileNotFoundError as err:
         raise PairDataError(f"{where}: image not found") from err
+    except Image.DecompressionBombError as err:
+        raise _bomb_error(where, err) from None
     except _DECODE_ERRORS as err:
         raise _decode_error(where, err) from err
 
 
+_HIGH_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale PNGs decode as these
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB. 16-bit grayscale (values 0..65535) maps to 8 bits as
+    v8 = v16 >> 8 (Pillow's own convert("RGB") clips it to 255: a pure white image)."""
+    if img.mode in _HIGH_BIT_GRAY:
+        v16 = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray((v16 >> 8).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def _load_rgb(img: Image.Image) -> Image.Image:
     img.load()
-    return ImageOps.exif_transpose(img).convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -121,12 +145,13 @@ def resize_center_crop(img: Image.Image, resolution: int | tuple[int, int]) -> I
     return fit_to_size(img, resolution).image
 
 
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+def pil_to_tensor(img: Image.Image) -> "torch.Tensor":
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    import torch
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H, W, 3] uint8
     return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def load_image(path: str | Path, resolution: int | tuple[int, int]) -> torch.Tensor:
+def load_image(path: str | Path, resolution: int | tuple[int, int]) -> "torch.Tensor":
     """Image file -> float32 [3, R, R] (or [3, H, W] for a (H, W) resolution) in [-1, 1]."""
     return pil_to_tensor(resize_center_crop(open_rgb(path), resolution))

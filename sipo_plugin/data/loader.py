@@ -10,7 +10,7 @@ from .augment import PairAugmentation
 from .buckets import BucketSpec, pair_bucket_hw
 from .errors import PairDataError
 from .pairs import PairDataset, PairRecord, collate_pairs
-from .sampler import BucketBatchSampler, PairBatchSampler
+from .sampler import BucketBatchSampler, PairBatchSampler, fixed_batches
 from .sources import ImageReader
 
 
@@ -26,19 +26,22 @@ def pair_target_sizes(records: Sequence[PairRecord], spec: BucketSpec) -> list[t
 def make_pair_loader(records: Sequence[PairRecord], *, resolution: int, batch_size: int, seed: int,
                      total: int, start: int = 0, num_workers: int = 0,
                      buckets: BucketSpec | None = None,
-                     augmentation: PairAugmentation | None = None) -> torch.utils.data.DataLoader:
+                     augmentation: PairAugmentation | None = None,
+                     subset: Sequence[int] | None = None) -> torch.utils.data.DataLoader:
     """Micro-batches ``start`` .. ``total`` of the run's fixed data order.
 
     Without `buckets` every pair is ``resolution`` squared (`PairBatchSampler`); with them each
     batch holds one bucket's pairs (`BucketBatchSampler`). Either way the order and the
-    augmentation decisions are pure functions of (seed, position).
+    augmentation decisions are pure functions of (seed, position). With ``subset``, the pairs
+    ``subset`` once each instead (`fixed_batches`: batches of at most ``batch_size``).
     """
-    if buckets is None:
-        target_hw = None
+    target_hw = None if buckets is None else pair_target_sizes(records, buckets)
+    if subset is not None:
+        sampler = fixed_batches(subset, batch_size, target_hw)
+    elif buckets is None:
         sampler = PairBatchSampler(len(records), batch_size, seed=seed, total=total, start=start,
                                    with_epoch=True)
     else:
-        target_hw = pair_target_sizes(records, buckets)
         sampler = BucketBatchSampler(target_hw, batch_size, seed=seed, total=total, start=start,
                                      with_epoch=True)
     dataset = PairDataset(records, resolution, target_hw=target_hw, augmentation=augmentation)

@@ -78,7 +78,7 @@ def _check_columns(shard: Path, names: list[str]) -> None:
 
 def _pair_or_none(shard: Path, row: int, label: object, caption: object):
     """The PairRecord of one row, or None for a tie / a row without a label."""
-    from .pairs import PairRecord  # pairs dispatches to this module
+    from .readers import PairRecord  # readers dispatches to this module
 
     if label is None or (isinstance(label, float) and math.isnan(label)) or label == 0.5:
         return None

@@ -84,3 +84,14 @@ class BucketBatchSampler(PairBatchSampler):
         batches = [indices[i * b:(i + 1) * b]
                    for indices in members.values() for i in range(len(indices) // b)]
         return sorted(batches, key=lambda batch: rank[batch[0]])
+
+
+def fixed_batches(indices: Sequence[int], batch_size: int,
+                  buckets: Sequence[Hashable] | None = None) -> list[list[int]]:
+    """``indices`` cut into batches of at most ``batch_size`` (the last of each bucket may be
+    short, so every index is used once), one bucket per batch, order kept within a bucket."""
+    members: dict[Hashable, list[int]] = {}
+    for index in indices:
+        members.setdefault(None if buckets is None else buckets[index], []).append(index)
+    return [group[i:i + batch_size] for group in members.values()
+            for i in range(0, len(group), batch_size)]

@@ -36,38 +36,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models.families import (BASE_WEIGHTS_DTYPES, check_num_frames,  # noqa: F401
+                               check_video_config, check_video_size)
 from .errors import PairDataError
 from .images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor, resize_center_crop
 from .pairs import PairRecord
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif")
 INSTALL_HINT = "pip install 'sipo-plugin[video]'"
-BASE_WEIGHTS_DTYPES = ("", "bf16", "fp8")  # [model] base_weights_dtype (see the video adapters)
 _TIME_EPS = 1e-6  # seconds; timestamps are rationals turned into floats
 
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings checks
-
-
-def check_num_frames(num_frames: int, where: str = "num_frames") -> int:
-    """``num_frames`` must be 4k+1 (1, 5, 9, ..., 49, 81); ValueError (one line) otherwise."""
-    if num_frames < 1 or (num_frames - 1) % 4:
-        lower = max(1, (num_frames - 1) // 4 * 4 + 1)
-        raise ValueError(f"{where}: num_frames must be 4k+1 (e.g. {lower} or {lower + 4}), "
-                         f"got {num_frames}")
-    return num_frames
-
-
-def check_video_size(height: int, width: int, multiple: int, family: str, where: str = "") -> None:
-    """``video_height`` and ``video_width`` must be positive multiples of ``multiple``."""
-    for key, value in (("video_height", height), ("video_width", width)):
-        if value <= 0 or value % multiple:
-            near = max(multiple, round(value / multiple) * multiple)
-            raise ValueError(f"{where + ': ' if where else ''}{key} must be a positive multiple of "
-                             f"{multiple} for {family}, got {value} (try {near})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,34 +192,6 @@ class VideoPairDataset(torch.utils.data.Dataset):
             "weight": record.weight,
             "index": index,  # the pair's identity (collate_pairs; per-pair noise seeds)
         }
-
-
-def check_video_config(config, where: str | None = None) -> None:
-    """A video family's [data] settings: 4k+1 frames, a size its adapter accepts, fps >= 0;
-    and [model] base_weights_dtype.
-
-    The family's adapter class says it is one (``is_video = True``) and states the size multiple
-    (``video_size_multiple``); image families must leave ``num_frames = 0``.
-    """
-    from ..models import get_model_adapter
-    adapter_cls = get_model_adapter(config.model.family)
-    where = where or config.source
-    d = config.data
-    if config.model.base_weights_dtype not in BASE_WEIGHTS_DTYPES:
-        raise ValueError(f"{where}: base_weights_dtype must be one of "
-                         f"{', '.join(map(repr, BASE_WEIGHTS_DTYPES))}, "
-                         f"got {config.model.base_weights_dtype!r}")
-    if not getattr(adapter_cls, "is_video", False):
-        if d.num_frames:
-            raise ValueError(f"{where}: num_frames is for video families (cogvideox, wan); "
-                             f"set num_frames = 0 for {config.model.family}")
-        return
-    check_num_frames(d.num_frames, where)
-    if d.frame_fps < 0:
-        raise ValueError(f"{where}: frame_fps must be >= 0 (0: the source's own frames), "
-                         f"got {d.frame_fps}")
-    check_video_size(d.video_height, d.video_width, adapter_cls.video_size_multiple,
-                     config.model.family, where)
 
 
 def video_dataset(config, records: Sequence[PairRecord]) -> VideoPairDataset:

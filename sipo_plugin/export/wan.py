@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.families import MUSUBI_REQUIRED_TARGETS, check_musubi_targets  # noqa: F401
 from ..utils.io import save_safetensors_atomic
 from .lora import _base_metadata
 from .metadata import stringify_metadata, with_hashes
@@ -32,8 +33,6 @@ from .peft_state import alpha_for, check_alphas, lora_state_of, split_peft_state
 WAN_LORA_FORMATS = ("wan", "musubi")
 WAN_PREFIX = "diffusion_model."
 MUSUBI_PREFIX = "lora_unet_"
-# LoRA targets (peft target_modules, diffusers names) every block needs in the musubi layout
-MUSUBI_REQUIRED_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 # diffusers WanTransformer3DModel module -> original Wan module: the inverse of diffusers'
 # _convert_non_diffusers_wan_lora_to_diffusers (loaders/lora_conversion_utils.py)
@@ -77,15 +76,6 @@ def wan_module_name(diffusers_module: str) -> str:
 def musubi_module_name(wan_module: str) -> str:
     """``blocks.3.self_attn.q`` -> ``lora_unet_blocks_3_self_attn_q`` (musubi-tuner / sd-scripts)."""
     return MUSUBI_PREFIX + wan_module.replace(".", "_")
-
-
-def check_musubi_targets(target_modules) -> None:
-    """The musubi layout needs attention and FFN LoRA in every block (diffusers refuses less)."""
-    missing = [t for t in MUSUBI_REQUIRED_TARGETS if t not in target_modules]
-    if missing:
-        raise ValueError(
-            f"lora_format 'musubi' needs LoRA on every block's attention and FFN: add "
-            f"{', '.join(repr(m) for m in missing)} to network_target_modules (or use lora_format 'wan')")
 
 
 def _check_musubi_complete(wan_pairs: Mapping[str, object]) -> None:

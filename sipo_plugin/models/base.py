@@ -43,11 +43,22 @@ def register_model_family(name: str) -> Callable[[type], type]:
     return wrap
 
 
+def load_builtin_families() -> None:
+    """Import the built-in adapters (each registers itself); they import diffusers, so the package
+    loads them on first use rather than at import."""
+    import importlib
+    from .families import FAMILIES
+    for name in FAMILIES:
+        importlib.import_module(f"{__package__}.{name}")
+
+
 def available_model_families() -> list[str]:
+    load_builtin_families()
     return sorted(_FAMILIES)
 
 
 def get_model_adapter(name: str) -> type["ModelAdapter"]:
+    load_builtin_families()
     if name not in _FAMILIES:
         raise ValueError(f"unknown model family '{name}'; available: {', '.join(available_model_families())}")
     return _FAMILIES[name]

@@ -29,6 +29,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from transformers import T5EncoderModel, T5Tokenizer
 
+from .families import FAMILIES
 from .base import Conditioning, Generators, NoisyBatch, register_model_family
 from .video_base import VideoTransformerAdapter, pipeline_folder, safetensors_file
 
@@ -76,7 +77,7 @@ class CogVideoXAdapter(VideoTransformerAdapter):
 
     base_model_version = "cogvideox"
     modelspec_architecture = "cogvideox/lora"
-    lora_formats = ("diffusers",)  # keys transformer.<path>.lora_A.weight (CogVideoXPipeline loads)
+    lora_formats = FAMILIES["cogvideox"].lora_formats
     sample_num_frames = 9  # short sample clips (3 latent frames)
     display_name = "CogVideoX"
     text_encoder_kind = "T5"

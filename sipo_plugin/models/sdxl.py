@@ -80,13 +80,6 @@ class SDXLAdapter(SD15Adapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @classmethod
-    def check_config(cls, config) -> None:
-        """SDXL reads hidden states without the final layer norm: clip_skip 1 has no meaning."""
-        if config.model.clip_skip == 1:
-            raise ValueError("clip_skip = 1: SDXL conditions on the penultimate layer (clip_skip 2, "
-                             "the default); use 0, 2 or more")
-
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Hidden states -clip_skip (default 2: the penultimate) of both encoders, concatenated on
         the feature axis, and the second encoder's pooled projection (diffusers' SDXL

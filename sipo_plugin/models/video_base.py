@@ -128,20 +128,6 @@ class VideoTransformerAdapter(ModelAdapter):
                    vae_tiling=getattr(model_cfg, "vae_tiling", False),
                    vae_slicing=getattr(model_cfg, "vae_slicing", False))
 
-    @classmethod
-    def check_config(cls, config) -> None:
-        """Family-specific settings, checked before anything loads (ValueError, one line)."""
-        if config.network.train_text_encoder:
-            raise ValueError(f"train_text_encoder is not supported for {cls.display_name} (the "
-                             f"{cls.text_encoder_kind} encoder stays frozen); set it to false")
-        image_only = {"network_weights": config.network.network_weights,
-                      "conv_dim": config.network.conv_dim, "use_dora": config.network.use_dora,
-                      "clip_skip": config.model.clip_skip}
-        used = [key for key, value in image_only.items() if value]
-        if used:
-            raise ValueError(f"{', '.join(used)}: SD1.5 / SDXL settings, not supported for "
-                             f"{cls.display_name}; remove them from the preset")
-
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each transformer block in the backward pass instead of storing activations
         (the loop does this for [training] gradient_checkpointing via trainable_modules())."""

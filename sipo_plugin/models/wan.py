@@ -29,6 +29,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.schedulers import UniPCMultistepScheduler
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from .families import FAMILIES
 from .base import Conditioning, Generators, NoisyBatch, per_pair, register_model_family
 from .video_base import (VideoTransformerAdapter, offload_text_encoder,  # noqa: F401  (re-exported)
                          pipeline_folder, safetensors_file)
@@ -99,7 +100,7 @@ class WanAdapter(VideoTransformerAdapter):
     base_model_version = "wan2.1"
     modelspec_architecture = "wan2.1/lora"  # musubi-tuner's sai_model_spec ARCH_WAN + "/lora"
     prediction_type = "flow"
-    lora_formats = ("wan", "musubi")  # [export] lora_format; "kohya" is refused at config time
+    lora_formats = FAMILIES["wan"].lora_formats  # [export] lora_format
     display_name = "Wan"
     text_encoder_kind = "UMT5"
     group_offload_note = ("group_offload: the UMT5 text encoder runs leaf by leaf from CPU memory; "
@@ -113,17 +114,6 @@ class WanAdapter(VideoTransformerAdapter):
         super().__init__(components, **options)
         self.sampling_scheduler = components.get("sampling_scheduler", self.noise_scheduler)
         self.flow_shift = float(self.noise_scheduler.config.shift)
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        """Family-specific settings, checked before anything loads (ValueError, one line)."""
-        from ..export.wan import check_musubi_targets
-        super().check_config(config)
-        if getattr(config.network, "finetune", "lora") == "full" and config.model.base_weights_dtype:
-            raise ValueError("base_weights_dtype stores the frozen base weights in low precision, but "
-                             "finetune = \"full\" trains them; set base_weights_dtype = \"\"")
-        if config.export.lora_format == "musubi":
-            check_musubi_targets(config.network.network_target_modules)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:

@@ -9,26 +9,7 @@ Built-ins: ``diffusion-dpo``, ``dpo-cm``, ``sipo``, ``sft``; more through the en
 ``sipo_plugin.objectives``. Usable without anything else in the package.
 """
 
-from .errors import LossOutput, PairErrors, per_sample_error, split_pair
-from .registry import (
-    ENTRY_POINT_GROUP,
-    Objective,
-    ObjectiveOutput,
-    ObjectiveSpec,
-    UnknownObjectiveError,
-    available_objectives,
-    describe_objectives,
-    get_objective,
-    register_objective,
-)
-from .importance import calibrate_kappa, first_kept_timestep, step_log_weight
-from .schedule import parametrization, schedule_error_factor, snr
-
-# Built-in objectives register themselves on import.
-from .diffusion_dpo import DiffusionDPOConfig, diffusion_dpo_loss  # noqa: E402
-from .dpo_cm import DPOCMConfig, dpo_cm_loss  # noqa: E402
-from .sipo import SIPOConfig, sipo_loss  # noqa: E402
-from .sft import SFTConfig, sft_loss  # noqa: E402
+from __future__ import annotations
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -47,8 +28,10 @@ __all__ = [
     "describe_objectives",
     "first_kept_timestep",
     "diffusion_dpo_loss",
+    "first_kept_timestep",
     "dpo_cm_loss",
     "get_objective",
+    "get_objective_spec",
     "parametrization",
     "per_sample_error",
     "register_objective",
@@ -59,3 +42,13 @@ __all__ = [
     "split_pair",
     "step_log_weight",
 ]
+
+
+def __getattr__(name: str):
+    """The API loads (torch, the loss code, the built-ins' registration) on first use, so the
+    torch-free parts (``configs``, ``catalog``, ``validation``) serve config parsing and --check."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _api
+    globals().update({key: getattr(_api, key) for key in __all__})
+    return globals()[name]

@@ -6,14 +6,12 @@ smoothing, hinge), the TRL-named metrics and the optional winner-SFT term.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
+from .configs import LOSS_TYPES, DiffusionDPOConfig
 from .errors import LossOutput, PairErrors
 from .registry import register_objective
-from .validation import check_choice, check_float
 
 __all__ = [
     "LOSS_TYPES",
@@ -24,40 +22,6 @@ __all__ = [
     "preference_loss",
     "preference_metrics",
 ]
-
-LOSS_TYPES = ("sigmoid", "hinge")
-
-
-@dataclass(frozen=True)
-class DiffusionDPOConfig:
-    """Hyper-parameters of Diffusion-DPO (and the base of the weighted objectives' configs)."""
-
-    beta: float = field(
-        default=5000.0,
-        metadata={
-            "help": "KL strength, u = -(beta/2)(d_w - d_l); the diffusers script's 2500 = 5000 here"
-        },
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "conservative-DPO label noise a in [0, 0.5] (sigmoid only)"}
-    )
-    loss_type: str = field(
-        default="sigmoid", metadata={"help": "'sigmoid' or 'hinge' (max(0, 1 - u))"}
-    )
-    sft_weight: float = field(
-        default=0.0, metadata={"help": "adds sft_weight * mean(m_w), a supervised term on winners"}
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", check_float("beta", self.beta, low=0.0, low_open=True))
-        smoothing = check_float("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
-        object.__setattr__(self, "label_smoothing", smoothing)
-        object.__setattr__(self, "loss_type", check_choice("loss_type", self.loss_type, LOSS_TYPES))
-        object.__setattr__(self, "sft_weight", check_float("sft_weight", self.sft_weight, low=0.0))
-        if self.loss_type == "hinge" and self.label_smoothing > 0:
-            raise ValueError(
-                "label_smoothing applies to loss_type='sigmoid' only; set it to 0 for hinge"
-            )
 
 
 def preference_logit(d_w: torch.Tensor, d_l: torch.Tensor, beta: float) -> torch.Tensor:

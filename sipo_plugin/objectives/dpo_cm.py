@@ -6,12 +6,10 @@ method section is not public in full): see ``importance.py`` and README "Objecti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from .configs import DPOCMConfig, check_kappa
 from .diffusion_dpo import (
-    DiffusionDPOConfig,
     add_sft_term,
     preference_logit,
     preference_loss,
@@ -19,7 +17,6 @@ from .diffusion_dpo import (
 )
 from .errors import LossOutput, PairErrors
 from .importance import (
-    WEIGHT_MODELS,
     clip_weight,
     geometric_mean,
     importance_weights,
@@ -28,65 +25,8 @@ from .importance import (
     pair_mask,
 )
 from .registry import register_objective
-from .validation import check_choice, check_float
 
 __all__ = ["DPOCMConfig", "dpo_cm_loss", "check_kappa"]
-
-
-def check_kappa(kappa: object, weight_model: str, mask_threshold: float) -> float | str:
-    """``"auto"`` (step model, tau > 0) or a positive finite float."""
-    if isinstance(kappa, str):
-        if kappa != "auto":
-            raise ValueError(f"kappa must be 'auto' or a positive number, got {kappa!r}")
-        if weight_model == "reference":
-            raise ValueError(
-                "kappa='auto' cannot be calibrated for weight_model='reference' (policy == "
-                "reference at calibration, so every weight is 1): set kappa to a number"
-            )
-        if mask_threshold == 0:
-            raise ValueError(
-                "kappa='auto' calibrates the masked fraction, which needs mask_threshold > 0: "
-                "set kappa to a number or raise mask_threshold"
-            )
-        return kappa
-    return check_float("kappa", kappa, low=0.0, low_open=True)
-
-
-@dataclass(frozen=True)
-class DPOCMConfig(DiffusionDPOConfig):
-    """Hyper-parameters of DPO-C&M (Diffusion-DPO's plus the importance-weight ones)."""
-
-    clip_eps: float = field(default=0.1, metadata={"help": "weights clipped to [1-eps, 1+eps]"})
-    mask_threshold: float = field(
-        default=0.9, metadata={"help": "tau: pairs with a raw weight below tau are masked"}
-    )
-    kappa: float | str = field(
-        default="auto",
-        metadata={"help": "weight temperature; 'auto' calibrates it before training"},
-    )
-    target_mask_fraction: float = field(
-        default=0.06, metadata={"help": "share of pairs masked at calibration (kappa='auto')"}
-    )
-    weight_model: str = field(
-        default="step", metadata={"help": "'step' (schedule KL) or 'reference' (policy/reference)"}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = {
-            "clip_eps": check_float("clip_eps", self.clip_eps, low=0.0, high=1.0, high_open=True),
-            "mask_threshold": check_float(
-                "mask_threshold", self.mask_threshold, low=0.0, high=1.0, high_open=True
-            ),
-            "target_mask_fraction": check_float(
-                "target_mask_fraction", self.target_mask_fraction, low=0.0, high=1.0, high_open=True
-            ),
-            "weight_model": check_choice("weight_model", self.weight_model, WEIGHT_MODELS),
-        }
-        for name, value in checks.items():
-            object.__setattr__(self, name, value)
-        kappa = check_kappa(self.kappa, self.weight_model, self.mask_threshold)
-        object.__setattr__(self, "kappa", kappa)
 
 
 def dpo_cm_loss(

@@ -22,6 +22,7 @@ import torch
 
 from .errors import PairErrors, pair_timesteps, split_pair
 from .schedule import num_train_timesteps, schedule_error_factor
+from .configs import WEIGHT_MODELS
 from .validation import check_float
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "weight_metrics",
 ]
 
-WEIGHT_MODELS = ("step", "reference")
 _LOG_CLAMP = 1e4  # any finite log weight; keeps inf - inf (NaN) out of the geometric mean
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import LossOutput, PairErrors, pair_timesteps, per_sample_error, split_pair
-from .validation import closest
+from .catalog import ENTRY_POINT_GROUP, build_hyperparameters, unknown_objective_message
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -32,10 +32,10 @@ __all__ = [
     "available_objectives",
     "describe_objectives",
     "get_objective",
+    "get_objective_spec",
     "register_objective",
 ]
 
-ENTRY_POINT_GROUP = "sipo_plugin.objectives"
 _NAME_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ObjectiveFn = Callable[[PairErrors, Any], LossOutput]
 
@@ -178,29 +178,16 @@ def _get_spec(name: str) -> ObjectiveSpec:
         _load_entry_points()
     if name in _SPECS:
         return _SPECS[name]
-    names = sorted(_SPECS)
-    hint = closest(name, names) if isinstance(name, str) else None
-    suggestion = f" Did you mean {hint!r}?" if hint else ""
-    raise UnknownObjectiveError(
-        f"unknown objective {name!r}.{suggestion} Available: {', '.join(names)}"
-    )
+    raise UnknownObjectiveError(unknown_objective_message(name, sorted(_SPECS)))
 
 
 def _build_config(spec: ObjectiveSpec, hyperparameters: dict[str, Any]) -> Any:
-    valid = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
-    for key in hyperparameters:
-        if key not in valid:
-            hint = closest(key, valid)
-            suggestion = f"; did you mean {hint!r}?" if hint else ""
-            accepted = ", ".join(valid) if valid else "none"
-            raise ValueError(
-                f"unknown hyper-parameter {key!r} for objective {spec.name!r}{suggestion} "
-                f"(accepted: {accepted})"
-            )
-    try:
-        return spec.config_cls(**hyperparameters)
-    except TypeError as exc:
-        raise ValueError(f"objective {spec.name!r}: {exc}") from exc
+    return build_hyperparameters(spec.name, spec.config_cls, hyperparameters)
+
+
+def get_objective_spec(name: str) -> ObjectiveSpec:
+    """The registered spec of ``name`` (its loss function and hyper-parameter class)."""
+    return _get_spec(name)
 
 
 def get_objective(name: str, **hyperparameters: Any) -> Objective:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .configs import SFTConfig
 from .errors import LossOutput, PairErrors
 from .registry import register_objective
 
 __all__ = ["SFTConfig", "sft_loss"]
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """SFT takes no hyper-parameters."""
 
 
 def sft_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor) -> LossOutput:

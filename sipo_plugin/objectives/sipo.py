@@ -6,12 +6,10 @@ method section is not public in full): see ``importance.py`` and README "Objecti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from .diffusion_dpo import add_sft_term, preference_logit, preference_loss, preference_metrics
-from .dpo_cm import DPOCMConfig
+from .configs import PAIR_WEIGHTS, SIPOConfig
 from .errors import LossOutput, PairErrors
 from .importance import (
     clip_weight,
@@ -24,23 +22,6 @@ from .registry import register_objective
 from .validation import check_choice
 
 __all__ = ["PAIR_WEIGHTS", "SIPOConfig", "sipo_loss"]
-
-PAIR_WEIGHTS = ("per_side", "shared_max")
-
-
-@dataclass(frozen=True)
-class SIPOConfig(DPOCMConfig):
-    """Hyper-parameters of SIPO (DPO-C&M's plus ``pair_weight``)."""
-
-    pair_weight: str = field(
-        default="per_side",
-        metadata={"help": "'per_side': c_w d_w - c_l d_l; 'shared_max': max(c_w, c_l)(d_w - d_l)"},
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        pair_weight = check_choice("pair_weight", self.pair_weight, PAIR_WEIGHTS)
-        object.__setattr__(self, "pair_weight", pair_weight)
 
 
 def sipo_loss(

@@ -3,7 +3,9 @@
 A preset has one table per section; every key name is unique across sections, so a command-line
 override can name it bare (``--learning_rate 1e-4``) or qualified (``--training.learning_rate``).
 Validation happens once, here, before any model loads: unknown keys are rejected with the closest
-valid name, values are type-checked, paths must exist.
+valid name, values are type-checked and range-checked, paths must exist; every problem found is
+reported (``ConfigError.problems``), not only the first. Nothing here imports torch or diffusers
+(``--check`` stays fast); the checks that read the model folder and the data are in checks.py.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ..export.lora_file import LORA_FILE_IN_FOLDER, network_weights_file
-from ..objectives import available_objectives, get_objective
+from ..models.families import FAMILIES, check_family_config, check_video_config
+from ..objectives.catalog import check_objective, objective_config_classes
 
 TOY_MODEL = "toy"  # the bundled toy pipeline, sipo_plugin/toy/model
 OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "Lion8bit")
@@ -32,7 +34,20 @@ SAVE_PRECISIONS = ("fp16", "bf16", "float")
 
 
 class ConfigError(ValueError):
-    """A one-line, user-facing error about the preset or an override."""
+    """User-facing errors about the preset or an override: one line each (``problems``)."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy, torch and random)
+# renamed keys: old name -> the one-line migration
+MIGRATIONS = {
+    "calibration_batches": "'calibration_batches' was replaced by 'calibration_pairs' (pairs, "
+                           "whatever train_batch_size is): set calibration_pairs = batches x "
+                           "train_batch_size (the old default 32 x 8 = 256)",
+}
 
 
 TOY_MIGRATION = ("{where}: the [toy] section is gone: toy pairs come from the same path as your "
@@ -84,6 +99,9 @@ class DataConfig:
     caption_extension: str = _help("caption file extension for folder pairs", ".txt")
     resolution: int = _help("training resolution in pixels (square, centre crop)", 512)
     dataloader_num_workers: int = _help("DataLoader worker processes", 0)
+    skip_data_check: bool = _help(
+        "skip decoding every image of the pair data before step 1 (the check stops a run on a "
+        "corrupt image before it trains, at the cost of one pass over the images)", False)
     # aspect-ratio buckets and augmentation (sd-scripts names and defaults)
     enable_bucket: bool = _help(
         "aspect-ratio buckets of about resolution^2 pixels; both images of a pair share the bucket "
@@ -187,9 +205,10 @@ class TrainingConfig:
     compile: bool = _help(
         "torch.compile the trained network (U-Net / transformer); without a working "
         "torch.compile the run trains uncompiled, with a note", False)
-    calibration_batches: int = _help(
-        "batches used to calibrate kappa = 'auto' (at 8 of 8 pairs the masked share missed its target: BENCHMARKS.md)",
-        32)
+    calibration_pairs: int = _help(
+        "pairs used to calibrate kappa = 'auto' (at most the data's size; the same pairs and "
+        "draws whatever train_batch_size is, and the same as --analyze; at 64 the masked share "
+        "missed its target: BENCHMARKS.md)", 256)
     logging_steps: int = _help("optimizer steps between metric log lines", 10)
     save_every_n_steps: int = _help(
         "every N steps and at the end: a resumable checkpoint and the LoRA file "
@@ -326,6 +345,15 @@ class Config:
     def __post_init__(self) -> None:
         _validate(self)
 
+    @classmethod
+    def unchecked(cls, **fields: Any) -> "Config":
+        """A Config built without validation, only to look for further problems of an invalid one
+        (``--check`` reports the model folder's and the data's problems too)."""
+        config = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(config, name, value)
+        return config
+
     def to_dict(self) -> dict:
         """Plain nested dict (TOML layout), for run metadata and checkpoints."""
         out = {}
@@ -355,6 +383,7 @@ def _key_index() -> dict[str, str]:
             continue
         for name in _section_fields(section):
             index[name] = section
+    index.update(dict.fromkeys(MIGRATIONS, "training"))  # renamed: [training] says what replaced it
     return index
 
 
@@ -408,17 +437,26 @@ def _build_section(section: str, values: dict, where: str):
         if not isinstance(name, str):
             raise ConfigError(f"{where}: [objective] 'name' must be a string, got {name!r}")
         return cls(name=name, hyperparameters=values)
-    kwargs = {}
+    kwargs, problems = {}, []
     for key, value in values.items():
+        if key in MIGRATIONS:
+            problems.append(f"{where}: {MIGRATIONS[key]}")
+            continue
         if key not in fields:
             others = {k for s in SECTIONS if s != "objective" for k in _section_fields(s)}
             hint = _closest(key, fields)
             if not hint and key in others:
                 hint = f" (it belongs in [{_key_index()[key]}])"
-            raise ConfigError(f"{where}: unknown key '{key}' in [{section}]{hint or _closest(key, others)}")
+            problems.append(f"{where}: unknown key '{key}' in [{section}]{hint or _closest(key, others)}")
+            continue
         f = fields[key]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kwargs[key] = _check_type(f"{where} [{section}]", key, value, default)
+        try:
+            kwargs[key] = _check_type(f"{where} [{section}]", key, value, default)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
     return cls(**kwargs)
 
 
@@ -455,12 +493,15 @@ def _drop_foreign_hyperparameters(preset: dict, merged: dict) -> dict:
 
 def _objective_fields(name: str) -> set[str]:
     """The hyper-parameter names an objective takes, read from its registered config class."""
-    return {f.name for f in dataclasses.fields(get_objective(name).config)}
+    classes = objective_config_classes()
+    if name not in classes:
+        raise KeyError(name)
+    return {f.name for f in dataclasses.fields(classes[name])}
 
 
 def _objective_hyperparameter_names() -> set[str]:
     """Every registered objective's hyper-parameters (plugins included): bare CLI names."""
-    return set().union(*(_objective_fields(name) for name in available_objectives()))
+    return {f.name for cls in objective_config_classes().values() for f in dataclasses.fields(cls)}
 
 
 def load_config(preset: str | Path | None, overrides: list[str] | None = None, *,
@@ -498,8 +539,21 @@ def load_config(preset: str | Path | None, overrides: list[str] | None = None, *
     raw = with_dataset_config(raw, unused)
     if unused:
         print(f"note: not used here (sd-scripts settings with no counterpart): {', '.join(unused)}")
-    sections = {s: _build_section(s, raw.get(s, {}), where) for s in SECTIONS}
-    config = Config(**sections, source=where)
+    sections, problems = {}, []
+    for section in SECTIONS:
+        try:
+            sections[section] = _build_section(section, raw.get(section, {}), where)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = Config(**sections, source=where)
+    except ConfigError as err:
+        err.config = Config.unchecked(**sections, source=where)  # what --check reads further
+        raise
+    if not config.network.network_weights:
+        return config
     from .network_start import LoraFileError, resolve_network_weights
     try:  # the LoRA a run starts from sets its rank, alpha, conv layers, DoRA, text encoders
         return resolve_network_weights(config)
@@ -508,67 +562,87 @@ def load_config(preset: str | Path | None, overrides: list[str] | None = None, *
 
 
 def _validate(config: Config) -> None:
-    where = config.source
-    t, d, n, m = config.training, config.data, config.network, config.model
-    positive = {"max_train_steps": t.max_train_steps, "train_batch_size": t.train_batch_size,
-                "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                "resolution": d.resolution, "network_dim": n.network_dim,
-                "logging_steps": t.logging_steps, "calibration_batches": t.calibration_batches,
-                "save_last_n": t.save_last_n}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
-    if t.save_every_n_steps < 0:
-        raise ConfigError(f"{where}: 'save_every_n_steps' must be >= 0, got {t.save_every_n_steps}")
-    if t.learning_rate <= 0 or n.network_alpha <= 0:
-        raise ConfigError(f"{where}: 'learning_rate' and 'network_alpha' must be > 0")
+    """Every rule below runs; ConfigError lists each problem found (one line each)."""
+    problems = []
+    for rule in (_validate_ranges, _validate_choices, _validate_family, _validate_paths,
+                 _validate_reference_and_caches, _validate_network_start_and_layers,
+                 _validate_buckets_and_augmentation, _validate_sampling, _validate_objective):
+        try:
+            rule(config)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _range_problems(values: dict[str, tuple[float, str]]) -> list[str]:
+    """``{key: (value, rule)}`` with rule ``> 0``, ``>= 0``, ``>= 1``, ``[0, 1)`` or ``seed``: one
+    problem per value outside its range."""
+    inside = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+              "[0, 1)": lambda v: 0 <= v < 1, "seed": lambda v: 0 <= v <= SEED_MAX}
+    shown = {"seed": f"in [0, {SEED_MAX}]"}
+    return [f"'{key}' must be {shown.get(rule, rule)}, got {value}"
+            for key, (value, rule) in values.items() if not inside[rule](value)]
+
+
+def _validate_ranges(config: Config) -> None:
+    """Every numeric setting within its range, before anything loads."""
+    t, d, n = config.training, config.data, config.network
+    values = {
+        "max_train_steps": (t.max_train_steps, "> 0"), "train_batch_size": (t.train_batch_size, "> 0"),
+        "gradient_accumulation_steps": (t.gradient_accumulation_steps, "> 0"),
+        "resolution": (d.resolution, "> 0"), "network_dim": (n.network_dim, "> 0"),
+        "network_alpha": (n.network_alpha, "> 0"), "learning_rate": (t.learning_rate, "> 0"),
+        "logging_steps": (t.logging_steps, "> 0"), "calibration_pairs": (t.calibration_pairs, "> 0"),
+        "save_last_n": (t.save_last_n, "> 0"), "save_every_n_steps": (t.save_every_n_steps, ">= 0"),
+        "lr_warmup_steps": (t.lr_warmup_steps, ">= 0"), "max_grad_norm": (t.max_grad_norm, ">= 0"),
+        "adam_beta1": (t.adam_beta1, "[0, 1)"), "adam_beta2": (t.adam_beta2, "[0, 1)"),
+        "adam_epsilon": (t.adam_epsilon, "> 0"), "adam_weight_decay": (t.adam_weight_decay, ">= 0"),
+        "seed": (t.seed, "seed"), "sample_seed": (t.sample_seed, "seed"),
+        "sample_steps": (t.sample_steps, ">= 1"),
+        "sample_every_n_steps": (t.sample_every_n_steps, ">= 0"),
+        "sample_guidance_scale": (t.sample_guidance_scale, ">= 0"),
+        "dataloader_num_workers": (d.dataloader_num_workers, ">= 0"),
+        "unet_lr": (t.unet_lr, ">= 0"), "text_encoder_lr": (t.text_encoder_lr, ">= 0"),
+        "max_train_epochs": (t.max_train_epochs, ">= 0"),
+    }
+    problems = _range_problems(values)
     if t.full_bf16 and t.mixed_precision != "bf16":
-        raise ConfigError(f"{where}: full_bf16 = true needs mixed_precision = \"bf16\"")
-    if t.sample_every_n_steps < 0 or (t.sample_every_n_steps and not t.sample_prompts):
-        raise ConfigError(f"{where}: sample_every_n_steps needs sample_prompts (and must be >= 0)")
+        problems.append("full_bf16 = true needs mixed_precision = \"bf16\"")
+    if t.sample_every_n_steps and not t.sample_prompts:
+        problems.append("sample_every_n_steps needs sample_prompts")
+    if problems:
+        raise ConfigError([f"{config.source}: {p}" for p in problems])
+
+
+def _validate_choices(config: Config) -> None:
+    t, m = config.training, config.model
     choices = {"mixed_precision": (t.mixed_precision, ("no", "fp16", "bf16")),
                "optimizer_type": (t.optimizer_type, OPTIMIZER_TYPES),
-               "lora_format": (config.export.lora_format, _lora_formats(m.family)),
                "log_with": (t.log_with, TRACKERS),
                "lr_scheduler": (t.lr_scheduler, ("constant", "constant_with_warmup", "linear",
                                                   "cosine", "cosine_with_restarts", "polynomial"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(allowed)}, got '{value}'"
-                              f"{_closest(value, allowed)}")
-    from ..models import available_model_families, get_model_adapter
-    if m.family not in available_model_families():
-        raise ConfigError(f"{where}: unknown model family '{m.family}'; available: "
-                          f"{', '.join(available_model_families())}{_closest(m.family, available_model_families())}")
-    try:  # family-specific cross-checks (e.g. wan: musubi LoRAs need the FFN targets)
-        getattr(get_model_adapter(m.family), "check_config", lambda config: None)(config)
+    if m.family in FAMILIES:
+        choices["lora_format"] = (config.export.lora_format, FAMILIES[m.family].lora_formats)
+    problems = [f"{config.source}: '{key}' must be one of {', '.join(allowed)}, got '{value}'"
+                f"{_closest(value, allowed)}"
+                for key, (value, allowed) in choices.items() if value not in allowed]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _validate_family(config: Config) -> None:
+    """A known family, its own settings (e.g. wan: musubi LoRAs need the FFN targets) and, for the
+    video families, the clip length and size."""
+    where, family = config.source, config.model.family
+    if family not in FAMILIES:
+        raise ConfigError(f"{where}: unknown model family '{family}'; available: "
+                          f"{', '.join(sorted(FAMILIES))}{_closest(family, FAMILIES)}")
+    try:
+        check_family_config(config)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if m.pretrained_model_name_or_path != TOY_MODEL and not Path(m.pretrained_model_name_or_path).exists():
-        raise ConfigError(f"{where}: model not found: {m.pretrained_model_name_or_path} "
-                          "(set pretrained_model_name_or_path to a diffusers folder or .safetensors file)")
-    if m.model_config and not Path(m.model_config).is_dir():
-        raise ConfigError(f"{where}: model_config folder not found: {m.model_config}")
-    if not d.train_data:
-        raise ConfigError(f"{where}: set [data] train_data to a pair folder or a .jsonl/.csv manifest")
-    if not config.pairs.pairs_prompts and not Path(d.train_data).exists():
-        raise ConfigError(f"{where}: train_data not found: {d.train_data} "
-                          "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
-    _validate_reference_and_caches(config)
-    _validate_network_start_and_layers(config)
-    _validate_buckets_and_augmentation(config)
-    from ..evaluation.checks import check_pairs_and_evaluation
-    try:  # [sampling], [pairs], [evaluate]: ranges, strategies, reward names
-        check_pairs_and_evaluation(config)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    try:  # the objective validates its own hyper-parameters (unknown names, ranges)
-        get_objective(config.objective.name, **config.objective.hyperparameters)
-    except (KeyError, ValueError, TypeError) as err:
-        message = err.args[0] if err.args else str(err)
-        raise ConfigError(f"{where}: [objective] {message}") from None
-    from ..data.video import check_video_config
-    try:  # clip length and size for the video families, the low-VRAM options
+    try:
         check_video_config(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -592,11 +666,47 @@ def _validate_network_start_and_layers(config: Config) -> None:
     if t.reference == "initial" and not n.network_weights:
         raise ConfigError(f"{where}: reference = \"initial\" is the LoRA of network_weights, frozen; "
                           "set network_weights to a LoRA file, or reference = \"base\"")
-    if n.network_weights:
+    if n.network_weights:  # (reading LoRA files needs the export package: only when one is set)
+        from ..export.lora_file import LORA_FILE_IN_FOLDER, network_weights_file
         file = network_weights_file(n.network_weights)
         if not file.is_file() or file.suffix != ".safetensors":
             raise ConfigError(f"{where}: network_weights: no LoRA file at {file} (give a "
-                              ".safetensors LoRA, or a folder holding {LORA_FILE_IN_FOLDER})")
+                              f".safetensors LoRA, or a folder holding {LORA_FILE_IN_FOLDER})")
+
+
+def _validate_paths(config: Config) -> None:
+    where, m, d = config.source, config.model, config.data
+    problems = []
+    if m.pretrained_model_name_or_path != TOY_MODEL and not Path(m.pretrained_model_name_or_path).exists():
+        problems.append(f"{where}: model not found: {m.pretrained_model_name_or_path} (set "
+                        "pretrained_model_name_or_path to a diffusers folder or .safetensors file)")
+    if m.model_config and not Path(m.model_config).is_dir():
+        problems.append(f"{where}: model_config folder not found: {m.model_config}")
+    if not d.train_data:
+        problems.append(f"{where}: set [data] train_data to a pair folder or a .jsonl/.csv manifest")
+    elif not config.pairs.pairs_prompts and not Path(d.train_data).exists():
+        problems.append(f"{where}: train_data not found: {d.train_data} "
+                        "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _validate_sampling(config: Config) -> None:
+    """[sampling], [pairs], [evaluate]: ranges, strategies, reward names."""
+    from ..evaluation.checks import check_pairs_and_evaluation
+    try:
+        check_pairs_and_evaluation(config)
+    except ValueError as err:
+        raise ConfigError(f"{config.source}: {err}") from None
+
+
+def _validate_objective(config: Config) -> None:
+    """The objective validates its own hyper-parameters (unknown names, ranges)."""
+    try:
+        check_objective(config.objective.name, config.objective.hyperparameters)
+    except (KeyError, ValueError, TypeError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise ConfigError(f"{config.source}: [objective] {message}") from None
 
 
 def _validate_buckets_and_augmentation(config: Config) -> None:
@@ -610,14 +720,6 @@ def _validate_buckets_and_augmentation(config: Config) -> None:
                          d.bucket_reso_steps).problem() if d.enable_bucket else None
     if problem:
         raise ConfigError(f"{config.source}: {problem} (or set enable_bucket = false)")
-
-
-def _lora_formats(family: str) -> tuple[str, ...]:
-    """The LoRA formats the family's adapter writes (``lora_formats``; default kohya, diffusers)."""
-    from ..models import available_model_families, get_model_adapter
-    if family not in available_model_families():
-        return ("kohya", "diffusers")  # the unknown family is reported on its own
-    return tuple(getattr(get_model_adapter(family), "lora_formats", ("kohya", "diffusers")))
 
 
 def _validate_reference_and_caches(config: Config) -> None:

@@ -71,14 +71,17 @@ def use_cpu(training) -> bool:
     return training.cpu or (several_processes and not torch.cuda.is_available())
 
 
-def make_dataloader(config: Config, records, *, total: int, start: int = 0):
+def make_dataloader(config: Config, records, *, total: int, start: int = 0, subset=None):
     """Micro-batches ``start`` .. ``total`` of the run's fixed data order (see PairBatchSampler;
-    images: BucketBatchSampler when enable_bucket, augmentation decided per (seed, epoch, pair))."""
+    images: BucketBatchSampler when enable_bucket, augmentation decided per (seed, epoch, pair));
+    with ``subset`` (pair indices), those pairs once each (see `fixed_batches`)."""
     from ..data import BucketSpec, PairAugmentation, make_pair_loader
+    from ..data.sampler import fixed_batches
     d, t = config.data, config.training
     if d.num_frames:
-        sampler = PairBatchSampler(len(records), t.train_batch_size, seed=t.seed, total=total,
-                                   start=start)
+        sampler = (fixed_batches(subset, t.train_batch_size) if subset is not None else
+                   PairBatchSampler(len(records), t.train_batch_size, seed=t.seed, total=total,
+                                    start=start))
         from ..data.video import video_dataset  # video families (num_frames > 0) train on clips
         return torch.utils.data.DataLoader(
             video_dataset(config, records), batch_sampler=sampler,
@@ -88,7 +91,7 @@ def make_dataloader(config: Config, records, *, total: int, start: int = 0):
     return make_pair_loader(
         records, resolution=d.resolution, batch_size=t.train_batch_size, seed=t.seed, total=total,
         start=start, num_workers=d.dataloader_num_workers, buckets=buckets,
-        augmentation=PairAugmentation(t.seed, d.caption_dropout_rate, d.flip_aug))
+        augmentation=PairAugmentation(t.seed, d.caption_dropout_rate, d.flip_aug), subset=subset)
 
 
 def progress_fields(metrics: dict, prefix: str = "") -> dict:
@@ -209,16 +212,36 @@ def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
     return (out.per_pair_loss * weights).sum() / weights.sum()
 
 
+CALIBRATION_STEP = -1  # the draws' step key: training's steps count from 0
+
+
+def calibration_pairs(config: Config, num_pairs: int) -> list[int]:
+    """The pairs kappa = 'auto' is calibrated on: the first ``calibration_pairs`` of the data's
+    epoch-0 order for ``seed`` (all pairs when there are fewer): the same whatever
+    train_batch_size is, and the same for the trainer and --analyze."""
+    order = PairBatchSampler(num_pairs, 1, seed=config.training.seed, total=0).epoch_order(0)
+    return order[:min(config.training.calibration_pairs, num_pairs)].tolist()
+
+
+def calibration_loader(config: Config, records, data_cache=None):
+    """The calibration pairs in batches of at most train_batch_size (through the run's caches)."""
+    loader = make_dataloader(config, records, total=0,
+                             subset=calibration_pairs(config, len(records)))
+    return data_cache.wrap(loader) if data_cache is not None else loader
+
+
 @torch.no_grad()
-def calibration_sample(adapter: ModelAdapter, loader, generator, reference=None, cached=None):
+def calibration_sample(adapter: ModelAdapter, loader, seed: int, reference=None, cached=None):
     """Reference errors [2B] and timesteps [2B] of each calibration batch (or of every cached
-    reference draw), as two lists."""
+    reference draw), as two lists. Each pair's VAE sample, noise and timestep come from
+    generators keyed by (seed, pair index), so batching does not change them."""
     if cached is not None:
         return cached.calibration_sample()
     errors, timesteps = [], []
     for batch in loader:
-        latents = batch_latents(adapter, batch, generator)
-        noisy = adapter.noisy_inputs(latents, generator)
+        draws = PairDraws.for_batch(seed, CALIBRATION_STEP, 0, batch["indices"])
+        latents = batch_latents(adapter, batch, draws.images)
+        noisy = adapter.noisy_inputs(latents, draws.pairs)
         cond = batch_conditioning(adapter, batch)
         ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
         errors.append(per_sample_error(ref_pred, noisy.target))
@@ -226,27 +249,22 @@ def calibration_sample(adapter: ModelAdapter, loader, generator, reference=None,
     return errors, timesteps
 
 
-def calibrate(objective, adapter: ModelAdapter, loader, generator, reference=None,
+def calibrate(objective, adapter: ModelAdapter, loader, seed: int, reference=None,
               cached=None, sample=None) -> float:
-    """kappa = 'auto': reference errors on a few batches (or every cached reference draw, or the
-    given ``sample``) -> the kappa hitting the mask target."""
-    errors, timesteps = sample or calibration_sample(adapter, loader, generator, reference, cached)
+    """kappa = 'auto': reference errors of the calibration pairs (or every cached reference draw,
+    or the given ``sample``) -> the kappa hitting the mask target."""
+    errors, timesteps = sample or calibration_sample(adapter, loader, seed, reference, cached)
     cfg = objective.config
     return calibrate_kappa(errors, timesteps, adapter.noise_scheduler,
                            mask_threshold=cfg.mask_threshold,
                            target_mask_fraction=cfg.target_mask_fraction)
 
 
-def run_calibration_sample(config: Config, adapter, records, generator, reference=None,
-                           data_cache=None):
-    """The run's calibration sample: ``calibration_batches`` batches of its data (cached when
-    the run caches), or every cached reference draw."""
-    t = config.training
-    loader = make_dataloader(config, records, total=min(t.calibration_batches,
-                                                        len(records) // t.train_batch_size))
-    if data_cache is not None:
-        loader = data_cache.wrap(loader)
-    return calibration_sample(adapter, loader, generator, reference,
+def run_calibration_sample(config: Config, adapter, records, reference=None, data_cache=None):
+    """The run's calibration sample: its calibration pairs (cached when the run caches), or every
+    cached reference draw."""
+    return calibration_sample(adapter, calibration_loader(config, records, data_cache),
+                              config.training.seed, reference,
                               data_cache.reference if data_cache is not None else None)
 
 
@@ -293,7 +311,7 @@ def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> No
                 p.data.copy_(state[f"{i}.{name}"])
 
 
-def objective_for_run(config: Config, adapter, records, checkpoint, generator, log,
+def objective_for_run(config: Config, adapter, records, checkpoint, log,
                       reference=None, data_cache=None, sample=None):
     """The configured objective; kappa = 'auto' is calibrated once (or restored on resume) with
     the run's reference and caches (or on ``sample``, the run's calibration sample)."""
@@ -301,9 +319,8 @@ def objective_for_run(config: Config, adapter, records, checkpoint, generator, l
         return get_objective(checkpoint["objective_name"], **checkpoint["objective_hyperparameters"])
     objective = get_objective(config.objective.name, **config.objective.hyperparameters)
     if objective.needs_calibration:
-        sample = sample or run_calibration_sample(config, adapter, records, generator, reference,
-                                                  data_cache)
-        kappa = calibrate(objective, adapter, None, generator, sample=sample)
+        sample = sample or run_calibration_sample(config, adapter, records, reference, data_cache)
+        kappa = calibrate(objective, adapter, None, config.training.seed, sample=sample)
         objective = objective.with_kappa(kappa)
         log.info(f"kappa = 'auto' calibrated to {kappa:.6g} (masks "
                  f"{objective.config.target_mask_fraction:.0%} of pairs at w < "
@@ -347,6 +364,20 @@ def prepare_caches(config: Config, adapter, records, accelerator, log):
     return data_cache
 
 
+def check_before_model_load(config: Config, records) -> None:
+    """The start-up checks that read files (training/checks.py): the model folder against
+    ``family``, and every image of the pair data decodes (unless skip_data_check), so bad data
+    found late never costs a run."""
+    from ..data.check import check_images
+    from .checks import model_family_problems
+    from .config import ConfigError
+    problems = model_family_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    if not (config.data.skip_data_check or config.data.num_frames):
+        check_images(records)
+
+
 def train(config: Config) -> TrainResult:
     """Train a LoRA with the configured objective; returns the trained adapter (not yet exported)."""
     t = config.training
@@ -381,17 +412,17 @@ def train(config: Config) -> TrainResult:
     log.info(f"{len(records)} pairs from {config.data.train_data}")
     if t.max_train_epochs:
         log.info(f"max_train_epochs = {t.max_train_epochs}: {t.max_train_steps} steps")
+    check_before_model_load(config, records)
     adapter = get_model_adapter(config.model.family).load(
         config.model, device=accelerator.device, weight_dtype=WEIGHT_DTYPES[accelerator.mixed_precision])
-    generator = seeded_generator(t.seed, -1)  # calibration's draws; training's are per pair
     reference = make_reference(config, adapter, log)  # before training: a frozen copy is the base
     params = adapter.add_trainable(config.network)
     data_cache = prepare_caches(config, adapter, records, accelerator, log)
     # the adapter starts as an exact no-op (lora_up = 0), so calibration sees the reference
-    sample = (run_calibration_sample(config, adapter, records, generator, reference, data_cache)
+    sample = (run_calibration_sample(config, adapter, records, reference, data_cache)
               if t.skip_masked_timesteps else None)  # (deterministic: the same on resume)
-    objective = objective_for_run(config, adapter, records, checkpoint, generator, log,
-                                  reference, data_cache, sample)
+    objective = objective_for_run(config, adapter, records, checkpoint, log, reference, data_cache,
+                                  sample)
     adapter.first_timestep = first_timestep_for_run(config, objective, adapter, sample, log)
     loss_scale = timestep_share(adapter.first_timestep,
                                 adapter.noise_scheduler.config.num_train_timesteps)
