@@ -23,7 +23,7 @@ SAVE = ["--max_train_steps", "3", "--save_every_n_steps", "1", "--save_last_n", 
 
 def cli(manifest, out, *extra) -> list[str]:
     return ["--train_data", str(manifest), "--output_dir", str(out), "--resolution", "32",
-            "--train_batch_size", "2", "--learning_rate", "1e-3", "--calibration_batches", "2",
+            "--train_batch_size", "2", "--learning_rate", "1e-3", "--calibration_pairs", "4",
             *extra]
 
 

@@ -41,7 +41,7 @@ def test_kohya_gui_sd15_config_with_dataset_config_runs(tmp_path, capsys):
     code = train_sipo.main(["--config_file", str(config_file), "--resolution", "32",
                             "--min_bucket_reso", "32", "--max_bucket_reso", "64",
                             "--bucket_reso_steps", "32", "--max_train_steps", "2",
-                            "--calibration_batches", "1", "--objective", "diffusion-dpo"])
+                            "--calibration_pairs", "1", "--objective", "diffusion-dpo"])
     out, err = capsys.readouterr()
     assert code == 0, err
     notes = [line for line in out.splitlines() if line.startswith("note: not used here")]

@@ -21,12 +21,12 @@ from .config import Config
 APPLIED = {
     "model": {"pretrained_model_name_or_path", "model_config", "group_offload", "vae_tiling",
               "vae_slicing"},
-    "data": {"dataloader_num_workers", "cache_dir", "cache_latents_to_disk",
+    "data": {"dataloader_num_workers", "skip_data_check", "cache_dir", "cache_latents_to_disk",
              "cache_text_encoder_outputs"},
     "training": {"output_dir", "output_name", "resume", "overwrite", "max_train_steps",
                  "max_train_epochs",
                  "save_every_n_steps", "save_last_n", "logging_steps", "log_with", "cpu",
-                 "gradient_checkpointing", "xformers", "reference_device", "calibration_batches",
+                 "gradient_checkpointing", "xformers", "reference_device", "calibration_pairs",
                  "sample_every_n_steps", "sample_prompts", "sample_seed", "sample_steps",
                  "sample_guidance_scale"},
     "export": None,  # every key: the export happens after training
