@@ -25,10 +25,25 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def settings_help() -> str:
+    """Every preset setting by section, as --help shows it (the same source as the README table)."""
+    from sipo_plugin.training.config import describe_keys
+    lines = ["Settings: every preset key, overridable as --key value (or --section.key value);",
+             "objective hyper-parameters (--beta, --kappa, ...): --list-objectives, README",
+             "'Objectives'. Defaults and details: README.md, 'Preset reference'."]
+    section = None
+    for name, key, default, text in describe_keys():
+        if name != section:
+            section = name
+            lines.append(f"\n[{section}]")
+        lines.append(f"  --{key} (default {default!r}): {text}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Preset keys and defaults: README.md, 'Preset reference'.")
+        epilog=settings_help())
     parser.add_argument("--preset", help="TOML preset (see presets/)")
     parser.add_argument("--config_file",
                         help="sd-scripts training config (.toml; sections are cosmetic, its keys "
@@ -132,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         return check(config, deep=args.deep)
+    from sipo_plugin.training.memory import quiet_bitsandbytes
+    from sipo_plugin.training.stopping import handle_sigterm_like_sigint
+    quiet_bitsandbytes(config.training)  # before diffusers imports it
+    handle_sigterm_like_sigint()
     from sipo_plugin.training.run import run
     from sipo_plugin.data import PairDataError
     from sipo_plugin.training.loop import NonFiniteLossError
@@ -149,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PairDataError, NonFiniteLossError, ValueError, OSError) as err:
         print_errors(getattr(err, "problems", [str(err)]))
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished files are intact; nothing partial was written", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print_errors([f"interrupted ({err or 'Ctrl-C'}): finished files are intact; nothing "
+                      "partial was written"])
         return 130
     return 0
 

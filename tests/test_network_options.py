@@ -120,4 +120,4 @@ def test_fp16_export_halves_the_file_loads_and_records_precision(manifest, tmp_p
 def _args(manifest, output_dir):
     return ["--train_data", str(manifest), "--resolution", "32", "--output_dir", str(output_dir),
             "--max_train_steps", "3", "--train_batch_size", "2", "--learning_rate", "1e-3",
-            "--calibration_batches", "2", "--logging_steps", "1"]
+            "--calibration_pairs", "4", "--logging_steps", "1"]

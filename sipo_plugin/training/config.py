@@ -575,6 +575,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def _is_plain_name(name: str) -> bool:
+    """A file name that stays inside its folder: not empty, no separators, not '.' or '..'."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def _range_problems(values: dict[str, tuple[float, str]]) -> list[str]:
     """``{key: (value, rule)}`` with rule ``> 0``, ``>= 0``, ``>= 1``, ``[0, 1)`` or ``seed``: one
     problem per value outside its range."""
@@ -607,6 +612,9 @@ def _validate_ranges(config: Config) -> None:
         "max_train_epochs": (t.max_train_epochs, ">= 0"),
     }
     problems = _range_problems(values)
+    if not _is_plain_name(t.output_name):
+        problems.append(f"'output_name' must be a plain file name (no folders, no '..'), got "
+                        f"{t.output_name!r}; put the folder in output_dir")
     if t.full_bf16 and t.mixed_precision != "bf16":
         problems.append("full_bf16 = true needs mixed_precision = \"bf16\"")
     if t.sample_every_n_steps and not t.sample_prompts:

@@ -35,6 +35,7 @@ from .reference import (AdapterOffReference, cached_reference_errors, draw_gener
 from .memory import (build_optimizer, cast_trainable_to_bf16, compile_trained_network,
                      enable_gradient_checkpointing, enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
+from .stopping import nonfinite_loss_message, nonfinite_weight, remove_stale_temp_files
 from .sampling import save_samples
 from .run_folder import folder_run_id
 from .saving import save_training_state, start_run
@@ -191,6 +192,11 @@ class LossWatch:
 
     def check(self, step: int, metrics: dict) -> None:
         if self.bad is not None and int(self.bad) > 0:
+            bad_reference = [k for k in ("mse/ref_w", "mse/ref_l")
+                             if k in metrics and not math.isfinite(metrics[k])]
+            if bad_reference:  # the base model, not the objective's settings (stopping.py)
+                raise NonFiniteLossError(f"by step {step}: " + nonfinite_loss_message(
+                    float("nan"), torch.zeros(1), torch.tensor([float("nan")]), metrics, "no"))
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite by step {step} (metrics: {metrics}); lower "
                 "learning_rate or beta, or use mixed_precision = \"no\"")
@@ -378,8 +384,31 @@ def check_before_model_load(config: Config, records) -> None:
         check_images(records)
 
 
+def check_base_weights(adapter) -> None:
+    """NaN/inf in the base model's own weights, named before training (they would otherwise show
+    up as a NaN loss that looks like a kappa or learning-rate problem)."""
+    bad = nonfinite_weight(adapter.denoiser)
+    if bad is not None:
+        raise NonFiniteLossError(
+            f"the base model's weight {adapter.denoiser_name}.{bad} holds NaN/inf: the model file "
+            "is damaged (re-download or re-convert it); this is not a kappa or learning-rate problem")
+
+
 def train(config: Config) -> TrainResult:
-    """Train a LoRA with the configured objective; returns the trained adapter (not yet exported)."""
+    """Train a LoRA with the configured objective; returns the trained adapter (not yet exported).
+
+    When an error (or Ctrl-C / SIGTERM) stops training after a step, the exception carries
+    ``interrupted``: the TrainResult so far, whose LoRA run.py saves before re-raising."""
+    so_far: dict = {}
+    try:
+        return _train(config, so_far)
+    except BaseException as err:
+        if so_far.get("steps", 0) > so_far.get("start", 0):
+            err.interrupted = TrainResult(**{k: v for k, v in so_far.items() if k != "start"})
+        raise
+
+
+def _train(config: Config, so_far: dict) -> TrainResult:
     t = config.training
     started_at = time.time()
     output_dir = Path(t.output_dir)
@@ -392,6 +421,8 @@ def train(config: Config) -> TrainResult:
                               log_with=None if t.log_with == "none" else t.log_with,
                               project_dir=str(output_dir))
     set_seed(t.seed)
+    if accelerator.is_main_process:  # a killed run's half-written files (this output_dir only)
+        remove_stale_temp_files(output_dir)
     resume_from = resolve_resume(t.resume, output_dir, folder_run_id(output_dir))
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     start = checkpoint["step"] if checkpoint else 0
@@ -415,6 +446,7 @@ def train(config: Config) -> TrainResult:
     check_before_model_load(config, records)
     adapter = get_model_adapter(config.model.family).load(
         config.model, device=accelerator.device, weight_dtype=WEIGHT_DTYPES[accelerator.mixed_precision])
+    check_base_weights(adapter)
     reference = make_reference(config, adapter, log)  # before training: a frozen copy is the base
     params = adapter.add_trainable(config.network)
     data_cache = prepare_caches(config, adapter, records, accelerator, log)
@@ -457,6 +489,10 @@ def train(config: Config) -> TrainResult:
     progress = tqdm(total=t.max_train_steps, initial=start, desc=objective.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     step, micro_step = start, 0
+    so_far.update(adapter=adapter, objective=objective, accelerator=accelerator, steps=start,
+                  start=start, num_pairs=len(records), started_at=started_at,
+                  metrics_log=output_dir / "metrics.jsonl", optimizer=optimizer_used,
+                  reference=reference)
     evaluation = TrainingEvaluation(config, adapter, log, accelerator)
     evaluation.at_start(step)  # step-0 sample images and reward-curve point (the base model)
     watch = LossWatch()
@@ -470,6 +506,7 @@ def train(config: Config) -> TrainResult:
         if not accelerator.sync_gradients:
             continue
         step += 1
+        so_far["steps"] = step
         progress.update(1)
         if step % t.logging_steps == 0 or step == t.max_train_steps:
             logged = log.flush(step, lr=lr_scheduler.get_last_lr()[0])  # the host reads here

@@ -67,6 +67,14 @@ def _optimizer_class(name: str, log: Callable[[str], None]) -> type:
     return torch.optim.AdamW
 
 
+def quiet_bitsandbytes(training) -> None:
+    """diffusers imports bitsandbytes whenever it is installed, and on CPUs with AVX512-BF16 it
+    warns about its optional ``kernels`` package: silenced unless the run uses 8-bit AdamW."""
+    import logging
+    if training.optimizer_type != "AdamW8bit":
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def _bitsandbytes_optim(log: Callable[[str], None], name: str = "AdamW8bit"):
     missing = importlib.util.find_spec("bitsandbytes") is None
     if missing and name != "AdamW8bit":

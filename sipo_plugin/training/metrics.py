@@ -32,7 +32,9 @@ class MetricsLogger:
                 self.info(f"{log_with} is not installed (pip install {log_with}): logging to "
                           f"{self.path} only")
             else:
-                accelerator.init_trackers("sipo", config=_flat_config(run_config),
+                # TensorBoard writes to <output_dir>/<project>/: one folder per output_name
+                project = run_config["training"]["output_name"] if log_with == "tensorboard" else "sipo"
+                accelerator.init_trackers(project, config=_flat_config(run_config),
                                           init_kwargs=tracker_init_kwargs(log_with, run_config, self.path.parent))
                 self.trackers = True
 

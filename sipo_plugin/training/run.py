@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .loop import TrainResult, train, use_cpu
+from .stopping import INTERRUPTED_SUFFIX
 from .run_folder import RUN_ID_KEY
 
 
@@ -75,6 +76,25 @@ def export(config: Config, result: TrainResult, name: str = "") -> Path:
     return Path(written)
 
 
+def save_interrupted(config: Config, result: TrainResult | None) -> Path | None:
+    """The LoRA of a run stopped after a step, as ``<output_name>-interrupted`` (main process;
+    not when its weights are NaN/inf). A failure here is reported, never hides the first error."""
+    if result is None or not result.accelerator.is_main_process:
+        return None
+    from .loop import lora_state
+    import torch
+    if not all(torch.isfinite(v).all() for v in lora_state(result.adapter).values()):
+        tqdm.write(f"stopped at step {result.steps}: the trained weights are NaN/inf, not saved")
+        return None
+    try:
+        path = export(config, result, name=config.training.output_name + INTERRUPTED_SUFFIX)
+    except Exception as err:  # noqa: BLE001  (the original error is the one to report)
+        tqdm.write(f"stopped at step {result.steps}; saving its LoRA failed too: {err}")
+        return None
+    tqdm.write(f"stopped at step {result.steps}: the LoRA so far is saved as {path}")
+    return path
+
+
 def run(config: Config) -> dict:
     """Run the configured job; returns paths and, with eval_after_training, the evaluation."""
     start = time.time()
@@ -83,7 +103,11 @@ def run(config: Config) -> dict:
         from ..pairs.onpolicy import make_training_pairs
         with PartialState(cpu=use_cpu(config.training)).main_process_first():  # the others then find the pairs ready
             make_training_pairs(config)
-    result = train(config)
+    try:
+        result = train(config)
+    except BaseException as err:
+        save_interrupted(config, getattr(err, "interrupted", None))
+        raise
     if not result.accelerator.is_main_process:  # with several processes, one writes the outputs
         return {}
     summary = {"lora": str(export(config, result)), "metrics": str(result.metrics_log)}
