@@ -66,6 +66,7 @@ def nonfinite_weight(module) -> str | None:
     """The name of the first parameter of ``module`` holding NaN/inf, or None."""
     import torch
     for name, p in module.named_parameters():
-        if not torch.isfinite(p).all():
+        values = p if p.element_size() > 1 else p.float()  # fp8 storage: no isfinite kernel
+        if not torch.isfinite(values).all():
             return name
     return None
