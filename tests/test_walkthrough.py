@@ -24,7 +24,7 @@ def _preset(folder: Path, family: str, model: Path, data: str, extra: str = "") 
         f'[data]\ntrain_data = "{folder / "pairs.jsonl"}"\n{data}\n'
         f'[network]\nnetwork_dim = 4\nnetwork_alpha = 4\n'
         f'[training]\noutput_dir = "{folder / "run"}"\nmax_train_steps = 2\ntrain_batch_size = 1\n'
-        'learning_rate = 1e-3\ncalibration_batches = 1\nlogging_steps = 1\n'
+        'learning_rate = 1e-3\ncalibration_pairs = 1\nlogging_steps = 1\n'
         f'[sampling]\nsampler_steps = 2\n{extra}\n'
         f'[evaluate]\neval_after_training = true\neval_prompts = "{folder / "prompts.txt"}"\n'
         f'eval_samples = 3\neval_rewards = ["pickscore={folder / "pickscore"}"]\n')

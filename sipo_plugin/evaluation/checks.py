@@ -14,7 +14,7 @@ def _check_prompt_source(key: str, value: str) -> None:
 
 def check_pairs_and_evaluation(config) -> None:
     """ValueError (one line, naming the key and the fix) for a setting that cannot work."""
-    from ..pairs.sampler import check_sampling_section
+    from ..pairs.sampler_settings import check_sampling_section
     p, e = config.pairs, config.evaluate
     check_sampling_section(config.sampling, config.model.family)
     if p.pairs_prompts:
