@@ -4,7 +4,7 @@
 
 kappa = "auto" is calibrated on `calibration_pairs` pairs (the first of the data's order for the
 seed) with per-pair VAE, noise and timestep draws: the seed picks the pairs and the draws, the
-batch size changes nothing. The toy world's pairs are generated first when the preset asks for it.
+batch size changes nothing. A preset with [pairs] makes its pairs first.
 Prints one line per seed, then the spread, then the same seed at batch sizes 1, 2 and 8.
 """
 
@@ -45,9 +45,9 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     overrides = [*args.overrides, *extra]
     config = load_config(args.preset, overrides)
-    if config.toy.generate_pairs:
-        from sipo_plugin.training.toy_world import ensure_toy_pairs
-        ensure_toy_pairs(config)
+    if config.pairs.pairs_prompts:  # the preset makes its pairs first (sample -> score -> make)
+        from sipo_plugin.pairs.onpolicy import make_training_pairs
+        make_training_pairs(config)
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
     adapter = get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"))
     adapter.add_trainable(config.network)
