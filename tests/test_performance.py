@@ -123,7 +123,7 @@ def test_skip_masked_timesteps_trains_from_the_first_kept_timestep(manifest, tmp
     monkeypatch.setattr(SD15Adapter, "make_noisy", spy)
     result = train(short_run(manifest, tmp_path, "--objective", "sipo",
                              "--skip_masked_timesteps", "true", "--max_train_steps", "2",
-                             "--calibration_batches", "4", "--target_mask_fraction", "0.25"))
+                             "--calibration_pairs", "8", "--target_mask_fraction", "0.25"))
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = next(e["first_timestep"] for e in events if e.get("event") == "skip_masked_timesteps")
     assert first > 0

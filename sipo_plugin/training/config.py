@@ -774,7 +774,7 @@ def _validate_skip_masked_timesteps(config: Config) -> None:
     if not t.skip_masked_timesteps:
         return
     try:
-        hyper = get_objective(config.objective.name, **config.objective.hyperparameters).config
+        hyper = check_objective(config.objective.name, config.objective.hyperparameters)
     except (KeyError, ValueError, TypeError):
         return  # reported by the objective's own validation
     if getattr(hyper, "weight_model", None) != "step" or not getattr(hyper, "mask_threshold", 0):
