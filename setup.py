@@ -11,13 +11,17 @@ setup(
     package_data={"sipo_plugin.toy": ["model/*.json", "model/*/*", "vocab/*"],
                   "sipo_plugin.pairs.label": ["static/*"]},
     python_requires=">=3.10",
-    # torch is deliberately unpinned here: CI and the quick start install the CPU wheel
+    # Ranges for your own environment; scripts/setup.sh installs the exact tested versions of
+    # constraints.txt. torch is deliberately unpinned: CI and the quick start install the CPU wheel
     # (torch==2.13.0) first; GPU users install their own CUDA build before this package.
+    # Lower bounds are the oldest versions the suite ran on: the text encoders' layout is
+    # transformers 5's. transformers 5.24 + peft 0.21 is fine since every LoRA goes in through
+    # peft's own inject_adapter_in_model (transformers' add_adapter there demands peft >= 0.22).
     install_requires=[
         "torch>=2.1",
-        "diffusers>=0.35",
-        "transformers>=4.45",
-        "peft>=0.17",
+        "diffusers>=0.42",
+        "transformers>=5.23,<6",
+        "peft>=0.21",
         "accelerate>=1.0",
         "safetensors>=0.4",
         "tqdm",
