@@ -10,10 +10,8 @@ lazily: when a name is not among the registered ones, and when listing.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import re
 import types
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import LossOutput, PairErrors, pair_timesteps, per_sample_error, split_pair
+from ..utils.plugins import load_entry_points
 from .catalog import ENTRY_POINT_GROUP, build_hyperparameters, unknown_objective_message
 
 __all__ = [
@@ -149,16 +148,7 @@ def _load_entry_points() -> None:
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True  # set first: a plugin may list objectives while importing
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            _adopt_entry_point_object(entry_point.load())
-        except Exception as exc:  # a broken plugin must not hide the built-ins
-            warnings.warn(
-                f"skipping objective plugin {entry_point.name!r} ({entry_point.value}): "
-                f"{type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    load_entry_points(ENTRY_POINT_GROUP, _adopt_entry_point_object, "objective")
 
 
 def available_objectives() -> list[str]:
