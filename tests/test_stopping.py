@@ -186,3 +186,22 @@ def test_help_lists_every_setting_by_section(capsys):
         assert f"  --{key} (default" in text[header:], key
         assert header >= position  # sections in order, each once
         position = header
+
+
+def test_loss_watch_names_nonfinite_reference_errors_without_a_per_step_sync():
+    from sipo_plugin.training.loop import LossWatch
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    watch = LossWatch()
+    watch.add({"loss": one, "mse/ref_w": one, "mse/ref_l": one})
+    watch.check(1, {})  # all finite: nothing raised
+    watch.add({"loss": nan, "mse/ref_w": nan, "mse/ref_l": one})
+    with pytest.raises(NonFiniteLossError, match=r"by step 2: the reference errors \(the base model"):
+        watch.check(2, {})
+    diverged = LossWatch()  # finite reference errors: the objective or learning rate, not the model
+    diverged.add({"loss": nan, "mse/ref_w": one, "mse/ref_l": one})
+    with pytest.raises(NonFiniteLossError, match="lower learning_rate or beta"):
+        diverged.check(3, {})
+    no_reference = LossWatch()  # sft: no reference metrics at all
+    no_reference.add({"loss": nan})
+    with pytest.raises(NonFiniteLossError, match="lower learning_rate or beta"):
+        no_reference.check(4, {})

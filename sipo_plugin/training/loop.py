@@ -180,26 +180,35 @@ def step_reference_errors(objective, batch: dict, adapter: ModelAdapter, noisy, 
 
 
 class LossWatch:
-    """Counts non-finite losses on the device, so a step needs no host sync; ``check`` reads the
-    count where the loop syncs anyway (logging, checkpoints, the end of the run)."""
+    """Counts non-finite losses, and the steps whose reference errors were non-finite, on the
+    device, so a step needs no host sync; ``check`` reads the counts where the loop syncs anyway
+    (logging, checkpoints, the end of the run)."""
+
+    REFERENCE_METRICS = ("mse/ref_w", "mse/ref_l")
 
     def __init__(self):
         self.bad = None
+        self.bad_reference = None
 
-    def add(self, loss: torch.Tensor) -> None:
-        bad = (~torch.isfinite(loss)).to(torch.int32)
+    def add(self, metrics: dict) -> None:
+        """``metrics`` of one micro-batch as ``train_step`` returns them (device tensors)."""
+        bad = (~torch.isfinite(metrics["loss"])).to(torch.int32)
         self.bad = bad if self.bad is None else self.bad + bad
+        for key in self.REFERENCE_METRICS:
+            if key in metrics:  # objectives with a reference: its mean error on the pairs
+                bad = (~torch.isfinite(torch.as_tensor(metrics[key]))).to(torch.int32)
+                self.bad_reference = bad if self.bad_reference is None else self.bad_reference + bad
 
     def check(self, step: int, metrics: dict) -> None:
-        if self.bad is not None and int(self.bad) > 0:
-            bad_reference = [k for k in ("mse/ref_w", "mse/ref_l")
-                             if k in metrics and not math.isfinite(metrics[k])]
-            if bad_reference:  # the base model, not the objective's settings (stopping.py)
-                raise NonFiniteLossError(f"by step {step}: " + nonfinite_loss_message(
-                    float("nan"), torch.zeros(1), torch.tensor([float("nan")]), metrics, "no"))
-            raise NonFiniteLossError(
-                f"the loss became NaN or infinite by step {step} (metrics: {metrics}); lower "
-                "learning_rate or beta, or use mixed_precision = \"no\"")
+        if self.bad is None or int(self.bad) == 0:
+            return
+        if self.bad_reference is not None and int(self.bad_reference) > 0:
+            # the base model, not the objective's settings (stopping.py)
+            raise NonFiniteLossError(f"by step {step}: " + nonfinite_loss_message(
+                float("nan"), torch.zeros(1), torch.tensor([float("nan")]), metrics, "no"))
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite by step {step} (metrics: {metrics}); lower "
+            "learning_rate or beta, or use mixed_precision = \"no\"")
 
 
 def average_gradients(params, accelerator: Accelerator) -> None:
@@ -501,7 +510,7 @@ def _train(config: Config, so_far: dict) -> TrainResult:
         micro_step += 1
         metrics = train_step(batch, adapter, objective, accelerator, optimizer, lr_scheduler,
                              params, t.max_grad_norm, draws, reference, loss_scale)
-        watch.add(metrics["loss"])
+        watch.add(metrics)
         log.accumulate(metrics)
         if not accelerator.sync_gradients:
             continue
