@@ -75,6 +75,13 @@ network_module = "networks.lora"
     assert "min_snr_gamma" not in lines[0]  # 0 asks for nothing
 
 
+def test_torch_compile_maps_to_compile(tmp_path, manifest, capsys):
+    config_file = write(tmp_path / "cfg.toml", f'train_data_dir = "{manifest}"\ntorch_compile = true\n')
+    assert load_config(None, [], config_file=config_file).training.compile is True
+    assert load_config(None, ["--train_data", str(manifest), "--torch_compile"]).training.compile
+    assert "torch_compile" not in capsys.readouterr().out  # used, so not in "not used here"
+
+
 def test_sd_scripts_defaults_do_not_override_the_preset(tmp_path, manifest):
     preset = write(tmp_path / "p.toml", "[network]\nnetwork_dim = 16\n")
     config_file = write(tmp_path / "c.toml", f'train_data_dir = "{manifest}"\n')

@@ -44,7 +44,7 @@ SD_SCRIPTS_DEFAULTS = {
 SD_SCRIPTS_VALUES = frozenset({"resolution", "optimizer_type", "sample_prompts", "optimizer_args"})
 
 RENAMED = {"max_data_loader_n_workers": "dataloader_num_workers", "train_data_dir": "train_data",
-           "dataset_config": "train_data"}
+           "dataset_config": "train_data", "torch_compile": "compile"}
 
 # sd-scripts values that ask for nothing beyond what this project does anyway
 NEUTRAL_VALUES = {
