@@ -122,6 +122,21 @@ def test_overwrite_replaces_the_other_run_and_resume_then_continues_the_new_one(
     assert folder_run_id(out) == new
 
 
+def test_a_run_stopped_before_its_first_save_does_not_block_the_same_command(manifest, tmp_path,
+                                                                               capsys):
+    """A crash before the first checkpoint leaves only run.toml and metrics.jsonl: running the
+    command again trains (no --overwrite), and the stopped run's two files are kept renamed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.toml").write_text('[run]\nid = "0123456789abcdef"\n', encoding="utf-8")
+    (out / "metrics.jsonl").write_text('{"step": 0}\n', encoding="utf-8")
+    assert train_sipo.main(cli(manifest, out, "--max_train_steps", "1")) == 0
+    assert folder_run_id(out) not in (None, "0123456789abcdef")
+    assert (out / "metrics.0123456789abcdef.jsonl").read_text(encoding="utf-8") == '{"step": 0}\n'
+    assert "0123456789abcdef" in (out / "run.0123456789abcdef.toml").read_text(encoding="utf-8")
+    assert "stopped before its first save" in capsys.readouterr().out
+
+
 def test_pruning_deletes_only_this_runs_files(run_a, tmp_path):
     out = copy_of(run_a[0], tmp_path)
     mine = folder_run_id(out)

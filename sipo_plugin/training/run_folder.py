@@ -122,6 +122,23 @@ def foreign_files(output_dir: str | Path, run_id: str, resuming: bool) -> list[P
     return found
 
 
+def unsaved_run_files(output_dir: str | Path, foreign: list[Path]) -> list[Path]:
+    """``foreign`` when it is only run.toml and metrics.jsonl: the folder's run stopped before its
+    first checkpoint or export (a crash or Ctrl-C at start-up), so it left nothing to resume or
+    keep, and running the same command again may take the folder over. Else []."""
+    folder = Path(output_dir)
+    leftovers = {folder / RUN_FILE, folder / METRICS_FILE}
+    named = folder / RUN_FILE in foreign and folder_run_id(folder) is not None  # not a legacy folder
+    return foreign if named and set(foreign) <= leftovers else []
+
+
+def set_aside(path: Path, run_id: str | None) -> Path:
+    """Rename ``path`` to ``<stem>.<run_id><suffix>`` beside it (never deletes)."""
+    target = path.with_name(f"{path.stem}.{run_id or 'unnamed'}{path.suffix}")
+    path.replace(target)
+    return target
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -135,6 +152,15 @@ def claim_output_dir(config: Config, run_id: str, resuming: bool, accelerator, l
     process checks, the main process writes once all have."""
     t = config.training
     foreign = foreign_files(t.output_dir, run_id, resuming)
+    unsaved = [] if t.overwrite else unsaved_run_files(t.output_dir, foreign)
+    if unsaved:
+        owner = folder_run_id(t.output_dir)
+        accelerator.wait_for_everyone()  # every process has read the folder before it changes
+        if accelerator.is_main_process:
+            kept = [set_aside(path, owner).name for path in unsaved]
+            log(f"note: run {owner} in {t.output_dir} stopped before its first save; its "
+                f"{' and '.join(kept)} are kept beside this run's")
+        foreign = []
     if foreign and not t.overwrite:
         names = ", ".join(str(p.relative_to(t.output_dir)) for p in foreign[:4])
         more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
