@@ -174,3 +174,30 @@ def test_initial_reference_adapter_stays_frozen_while_the_trained_one_moves(mani
     assert all(p.requires_grad for p in params)
     assert {n for m in adapter.trainable_modules() for n, p in m.named_parameters()
             if p.requires_grad} == named
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["initial", "base"])
+def test_a_run_from_network_weights_interrupted_then_resumed_ends_with_the_same_lora(
+        manifest, tmp_path, reference):
+    """Resume of a run that started from a LoRA file: the trained LoRA continues from the
+    checkpoint (not from the file), and reference = "initial" is still the file's LoRA."""
+    import shutil
+
+    from sipo_plugin.training.checkpoint import list_checkpoints
+    from sipo_plugin.training.loop import lora_state
+    path, _ = make_lora_file(manifest, tmp_path)
+    common = ["--network_weights", str(path), "--network_dim", str(RANK), "--network_alpha",
+              str(ALPHA), "--reference", reference, "--max_train_steps", "4",
+              "--save_every_n_steps", "2", "--lr_scheduler", "linear"]
+    straight = train(short_run(manifest, tmp_path / "a", *common))
+    halfway, _ = list_checkpoints(tmp_path / "a")
+    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
+    resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
+    a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if reference == "initial":  # the frozen reference adapter is the file's LoRA after resume too
+        with resumed.adapter.reference():
+            torch.testing.assert_close(adapter_outputs(resumed.adapter), diffusers_outputs(path),
+                                       rtol=1e-4, atol=1e-5)
