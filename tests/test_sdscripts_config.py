@@ -39,6 +39,8 @@ def test_sections_are_cosmetic_and_later_tables_win():
     raw = {"seed": 1, "model_arguments": {"network_dim": 8, "seed": 2},
            "training_arguments": {"network_dim": 16}, "objective": {"name": "dpo-cm"}}
     assert flatten_config(raw) == {"seed": 2, "network_dim": 16, "objective": "dpo-cm"}
+    run_toml = {"run": {"id": "0123456789abcdef", "started": "2026"}, "training": {"seed": 3}}
+    assert flatten_config(run_toml) == {"seed": 3}  # a run.toml's [run] is not a setting
 
 
 def test_config_file_maps_sd_scripts_keys_and_the_command_line_wins(tmp_path, manifest, capsys):

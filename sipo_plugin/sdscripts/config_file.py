@@ -83,9 +83,12 @@ vae_batch_size wandb_api_key wandb_run_name weighted_captions zero_terminal_snr
 
 def flatten_config(raw: dict) -> dict:
     """sd-scripts' flattening: {table: {k: v}} -> {k: v}; top-level keys stay. This project's own
-    ``[objective] name`` (its output_config) becomes ``objective``, the one name a flat file needs."""
+    ``[objective] name`` (its output_config) becomes ``objective``, the one name a flat file needs;
+    a run.toml's ``[run]`` table (the run's id, not a setting) is left out."""
     flat: dict = {}
     for name, value in raw.items():
+        if name == "run" and isinstance(value, dict):  # a run.toml's id and start time
+            continue
         if not isinstance(value, dict):
             flat[name] = value
             continue
