@@ -119,9 +119,9 @@ class FloorStep:
 
     def encode(self):
         import torch
-        latents = self.adapter.encode_images(self.batch["pixel_values"], self.generator)
+        latents = self.adapter.encode_images(self.batch.pixel_values, self.generator)
         with torch.no_grad():
-            cond = self.adapter.encode_prompts(self.batch["prompts"])
+            cond = self.adapter.encode_prompts(self.batch.prompts)
         return latents, self.adapter.pair_conditioning(cond, self.batch)["encoder_hidden_states"]
 
     def __call__(self) -> float:

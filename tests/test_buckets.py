@@ -196,10 +196,10 @@ def test_flip_is_shared_by_the_pair_and_sizes_are_winners_first(tmp_path):
     assert torch.equal(b["rejected"], a["rejected"].flip(-1))
     assert a["crop_top_left"] == ((0, 6), (0, 1)) and b["crop_top_left"] == ((0, 7), (0, 1))
     batch = collate_pairs([a, b])
-    assert batch["original_sizes"].tolist() == [[8, 21], [8, 21], [8, 10], [8, 10]]
-    assert batch["crop_top_lefts"].tolist() == [[0, 6], [0, 7], [0, 1], [0, 1]]
-    assert batch["target_sizes"].tolist() == [[8, 8]] * 4
-    assert batch["original_sizes"].dtype == torch.int64
+    assert batch.extras["original_sizes"].tolist() == [[8, 21], [8, 21], [8, 10], [8, 10]]
+    assert batch.extras["crop_top_lefts"].tolist() == [[0, 6], [0, 7], [0, 1], [0, 1]]
+    assert batch.extras["target_sizes"].tolist() == [[8, 8]] * 4
+    assert batch.extras["original_sizes"].dtype == torch.int64
 
 
 def test_bucketed_loader_sizes_and_resume(tmp_path):
@@ -221,36 +221,36 @@ def test_bucketed_loader_sizes_and_resume(tmp_path):
     expected_hw = {"wide": (16, 48), "square": (32, 32), "tall": (48, 16)}
     kind = ["wide", "square", "tall", "wide", "square", "wide", "square", "tall"]
     for batch in full:
-        indices = batch["indices"].tolist()
+        indices = batch.indices.tolist()
         hw = expected_hw[kind[indices[0]]]
         assert {kind[i] for i in indices} == {kind[indices[0]]}  # one bucket a batch
-        assert batch["pixel_values"].shape == (4, 3, *hw)
-        assert batch["target_sizes"].tolist() == [list(hw)] * 4
+        assert batch.pixel_values.shape == (4, 3, *hw)
+        assert batch.extras["target_sizes"].tolist() == [list(hw)] * 4
         sizes = {0: wide, 1: square, 2: tall}
         for slot, i in enumerate(indices):
             (ww, hw_w), (wl, hl) = sizes[[0, 1, 2, 0, 1, 0, 1, 2][i]]
-            assert batch["original_sizes"][slot].tolist() == [hw_w, ww]
-            assert batch["original_sizes"][2 + slot].tolist() == [hl, wl]
-            assert batch["prompts"][slot] in ("", f"prompt {i}")
+            assert batch.extras["original_sizes"][slot].tolist() == [hw_w, ww]
+            assert batch.extras["original_sizes"][2 + slot].tolist() == [hl, wl]
+            assert batch.prompts[slot] in ("", f"prompt {i}")
     for position, batch in enumerate(full):  # 3 batches an epoch
-        for i, prompt in zip(batch["indices"].tolist(), batch["prompts"]):
+        for i, prompt in zip(batch.indices.tolist(), batch.prompts):
             dropped = aug.decide(position // 3, i)[0]
             assert prompt == ("" if dropped else f"prompt {i}")
-    prompts = [p for batch in full for p in batch["prompts"]]
+    prompts = [p for batch in full for p in batch.prompts]
     assert "" in prompts and any(p for p in prompts)  # rate 0.5 over 18 draws
     for start in (3, 5):
         tail = batches(start)
         assert len(tail) == 9 - start
         for got, want in zip(tail, full[start:]):
-            assert got["prompts"] == want["prompts"]
-            assert torch.equal(got["pixel_values"], want["pixel_values"])
-            assert torch.equal(got["crop_top_lefts"], want["crop_top_lefts"])
+            assert got.prompts == want.prompts
+            assert torch.equal(got.pixel_values, want.pixel_values)
+            assert torch.equal(got.extras["crop_top_lefts"], want.extras["crop_top_lefts"])
 
 
 def test_unbucketed_loader_keeps_the_plain_order(tmp_path):
     records = write_pairs(tmp_path, [((20, 20), (20, 20))] * 5)
     loader = make_pair_loader(records, resolution=8, batch_size=2, seed=9, total=4)
-    order = [b["indices"].tolist() for b in loader]
+    order = [b.indices.tolist() for b in loader]
     assert order == sampler_batches(PairBatchSampler(5, 2, seed=9, total=4))
 
 

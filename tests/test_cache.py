@@ -1,6 +1,7 @@
 """Latent and text-encoder-output caches: what they hold, reuse on disk, and that a cached batch
 trains exactly like a live one given the same VAE posterior sample."""
 
+import dataclasses
 import os
 
 import pytest
@@ -27,7 +28,7 @@ def test_latent_cache_holds_the_seeded_posterior_sample_and_is_reused_on_disk(ma
     assert any("vae, text_encoder moved to the CPU" in line for line in log.lines)
     batch = loader.collate_fn([loader.dataset[3]])
     generators = [seeded_generator(config.training.seed, LATENT_STREAM, 3, side) for side in (0, 1)]
-    expected = adapter.encode_images(batch["pixel_values"], generators)
+    expected = adapter.encode_images(batch.pixel_values, generators)
     assert torch.equal(cache.latents[3]["latents"], expected)
     with torch.no_grad():
         encoded = adapter.encode_prompts([records[3].prompt])
@@ -54,11 +55,11 @@ def test_cached_batches_have_latents_and_cond_in_the_pair_layout_for_any_latent_
     prompts = PromptCache({"a": {"encoder_hidden_states": torch.zeros(1, 7, 4)},
                            "b": {"encoder_hidden_states": torch.ones(1, 7, 4)}})
     batch = collate_cached(items, base_collate=None, prompts=prompts)
-    assert batch["latents"].shape == (6, 3, 5, 2, 2)
-    assert batch["latents"][:, 0, 0, 0, 0].tolist() == [0, 1, 2, 0.5, 1.5, 2.5]  # winners first
-    assert batch["original_sizes"][:, 0].tolist() == [10, 11, 12, 20, 21, 22]
-    assert batch["cond"]["encoder_hidden_states"][:, 0, 0].tolist() == [0, 1, 0]
-    assert "prompts" not in batch and batch["indices"].tolist() == [0, 1, 2]
+    assert batch.latents.shape == (6, 3, 5, 2, 2)
+    assert batch.latents[:, 0, 0, 0, 0].tolist() == [0, 1, 2, 0.5, 1.5, 2.5]  # winners first
+    assert batch.extras["original_sizes"][:, 0].tolist() == [10, 11, 12, 20, 21, 22]
+    assert batch.cond["encoder_hidden_states"][:, 0, 0].tolist() == [0, 1, 0]
+    assert batch.prompts is None and batch.indices.tolist() == [0, 1, 2]
     assert stack_pair_rows([torch.tensor([3]), torch.tensor([4])]).tolist() == [3, 4]
 
 
@@ -73,18 +74,19 @@ def test_a_cached_batch_trains_exactly_like_a_live_batch_with_the_same_posterior
         adapter = load_adapter(config)
         torch.manual_seed(0)  # the same LoRA init in both runs
         params = adapter.add_trainable(config.network)
-        batch = dict(live_batch)
+        batch = live_batch
         if cached:
             # the cache's sample of the same posterior, and the text encoder's cached outputs
-            same_sample = PairDraws.for_batch(7, 0, 0, batch["indices"]).images
-            batch["latents"] = adapter.encode_images(batch.pop("pixel_values"), same_sample)
+            same_sample = PairDraws.for_batch(7, 0, 0, batch.indices).images
             with torch.no_grad():
-                batch["cond"] = adapter.encode_prompts(batch.pop("prompts"))
+                batch = dataclasses.replace(
+                    batch, latents=adapter.encode_images(batch.pixel_values, same_sample),
+                    pixel_values=None, cond=adapter.encode_prompts(batch.prompts), prompts=None)
         from accelerate import Accelerator
         accelerator = Accelerator(cpu=True)
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        step_draws = PairDraws.for_batch(7, 0, 0, batch["indices"])
+        step_draws = PairDraws.for_batch(7, 0, 0, batch.indices)
         metrics = train_step(batch, adapter, objective, accelerator, optimizer, scheduler, params,
                              1.0, step_draws)
         results.append((metrics, lora_state(adapter)))
@@ -126,7 +128,7 @@ def test_caption_dropout_with_cached_outputs_encodes_the_empty_prompt(manifest, 
                              tmp_path, Log())
     assert "" in cache.prompts.rows
     loader = cache.wrap(make_dataloader(config, records, total=8))
-    dropped = sum(bool((b["cond"]["encoder_hidden_states"] ==
+    dropped = sum(bool((b.cond["encoder_hidden_states"] ==
                         cache.prompts.rows[""]["encoder_hidden_states"]).flatten(1).all(1).any())
                   for b in loader)
     assert 0 < dropped < 8
@@ -145,9 +147,11 @@ def test_sdxl_cached_batches_keep_the_size_ids_and_train_full_with_a_cached_refe
                              tmp_path, Log())
     live = next(iter(make_dataloader(config, records, total=1)))
     cached = next(iter(cache.wrap(make_dataloader(config, records, total=1))))
-    assert torch.equal(live["indices"], cached["indices"])
-    for key in ("original_sizes", "crop_top_lefts", "target_sizes"):
-        assert torch.equal(live[key], cached[key]), key
+    assert torch.equal(live.indices, cached.indices)
+    assert live.extras.keys() == cached.extras.keys() == {"original_sizes", "crop_top_lefts",
+                                                          "target_sizes"}
+    for key in live.extras:
+        assert torch.equal(live.extras[key], cached.extras[key]), key
     with torch.no_grad():
         a, b = batch_conditioning(adapter, live), batch_conditioning(adapter, cached)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -134,11 +134,11 @@ def test_video_manifest_gives_winner_first_clip_batches(manifest):
     dataset = VideoPairDataset(records, num_frames=5, frame_fps=8, height=16, width=32)
     items = [dataset[i] for i in (0, 3)]
     batch = collate_pairs(items)
-    assert batch["pixel_values"].shape == (4, 3, 5, 16, 32)
-    assert torch.equal(batch["pixel_values"][1], items[1]["chosen"])
-    assert torch.equal(batch["pixel_values"][3], items[1]["rejected"])
-    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
-    assert batch["weights"].tolist() == [1.0, 2.0]
+    assert batch.pixel_values.shape == (4, 3, 5, 16, 32)
+    assert torch.equal(batch.pixel_values[1], items[1]["chosen"])
+    assert torch.equal(batch.pixel_values[3], items[1]["rejected"])
+    assert batch.pixel_values.min() >= -1 and batch.pixel_values.max() <= 1
+    assert batch.weights.tolist() == [1.0, 2.0]
     # the winner's square is red, the loser's blue (R - B over the clip)
     chosen, rejected = items[0]["chosen"], items[0]["rejected"]
     assert (chosen[0] - chosen[2]).max() > 1.0 and (rejected[0] - rejected[2]).min() < -1.0

@@ -250,17 +250,17 @@ def test_collate_winners_first(tmp_path):
                for r, w in zip(manifest_rows, (1.0, 2.0, 0.5))]
     dataset = PairDataset(records, 8)
     batch = collate_pairs([dataset[i] for i in range(3)])
-    assert batch["pixel_values"].shape == (6, 3, 8, 8)
-    assert batch["prompts"] == ["a", "b", "c"]
-    assert batch["weights"].dtype == torch.float32
-    assert batch["weights"].tolist() == [1.0, 2.0, 0.5]
-    x_w, x_l = split_pair(batch["pixel_values"])
+    assert batch.pixel_values.shape == (6, 3, 8, 8)
+    assert batch.prompts == ["a", "b", "c"]
+    assert batch.weights.dtype == torch.float32
+    assert batch.weights.tolist() == [1.0, 2.0, 0.5]
+    x_w, x_l = split_pair(batch.pixel_values)
     for i, name in enumerate("abc"):
         win, lose = (torch.tensor(c, dtype=torch.float32) / 127.5 - 1 for c in colors[name])
         assert torch.allclose(x_w[i, :, 0, 0], win) and torch.allclose(x_l[i, :, 0, 0], lose)
-        assert torch.equal(batch["pixel_values"][i], x_w[i])
-        assert torch.equal(batch["pixel_values"][3 + i], x_l[i])
+        assert torch.equal(batch.pixel_values[i], x_w[i])
+        assert torch.equal(batch.pixel_values[3 + i], x_l[i])
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_pairs)
     first = next(iter(loader))
-    assert first["pixel_values"].shape == (4, 3, 8, 8) and len(first["prompts"]) == 2
-    assert math.isclose(first["weights"][1].item(), 2.0)
+    assert first.pixel_values.shape == (4, 3, 8, 8) and len(first.prompts) == 2
+    assert math.isclose(first.weights[1].item(), 2.0)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_sd15_components
 from tiny_sdxl import tiny_sdxl_components
 
+from sipo_plugin.data.batch import PairBatch
 from sipo_plugin.models.sd15 import SD15Adapter
 from sipo_plugin.models.sdxl import SDXLAdapter
 from sipo_plugin.training.config import NetworkConfig
@@ -48,7 +49,8 @@ def predictions(adapter) -> torch.Tensor:
     size = unet.config.sample_size
     latents = torch.randn(2, unet.config.in_channels, size, size, generator=g)
     with torch.no_grad():
-        cond = adapter.pair_conditioning(adapter.encode_prompts(PROMPTS[:1]), {"latents": latents})
+        batch = PairBatch(latents=latents, weights=torch.ones(1), indices=torch.zeros(1))
+        cond = adapter.pair_conditioning(adapter.encode_prompts(PROMPTS[:1]), batch)
         return adapter.predict(latents, torch.tensor([500, 20]), cond)
 
 

@@ -173,9 +173,9 @@ def test_bucketed_loader_from_shards(shards):
     loader = make_pair_loader(records, resolution=16, batch_size=1, seed=0, total=5, buckets=spec)
     sizes = {}
     for batch in loader:
-        (index,) = batch["indices"].tolist()
-        sizes[index] = tuple(batch["target_sizes"][0].tolist())
-        assert batch["pixel_values"].shape[-2:] == sizes[index]
+        (index,) = batch.indices.tolist()
+        sizes[index] = tuple(batch.extras["target_sizes"][0].tolist())
+        assert batch.pixel_values.shape[-2:] == sizes[index]
     # pair 3: a 24x12 winner (aspect 2) and a 16x16 loser (aspect 1): sqrt(2) = 1.41 is closest to
     # 20 / 12 = 1.67 (1 is 0.41 away), so (h, w) = (12, 20); the square pairs stay 16 x 16
     assert sizes == {0: (16, 16), 1: (16, 16), 2: (16, 16), 3: (12, 20), 4: (16, 16)}

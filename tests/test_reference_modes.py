@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from sipo_plugin.data.batch import PairBatch
 from sipo_plugin.data.cache import batch_conditioning, batch_latents
 from sipo_plugin.objectives import get_objective, per_sample_error
 from sipo_plugin.training.config import ConfigError, load_config
@@ -31,7 +32,8 @@ def test_frozen_copy_equals_the_adapter_off_reference(manifest, tmp_path):
     perturb_lora(adapter)
     latents = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     noisy = adapter.noisy_inputs(latents, torch.Generator().manual_seed(2))
-    batch = {"prompts": ["a red circle", "a blue square"]}
+    batch = PairBatch(weights=torch.ones(2), indices=torch.arange(2),
+                      prompts=["a red circle", "a blue square"])
     cond = batch_conditioning(adapter, batch)
     with torch.no_grad():
         off = AdapterOffReference().predict(adapter, noisy, cond, batch)
@@ -69,21 +71,21 @@ def test_cached_reference_errors_equal_the_live_reference_for_the_same_draws(man
     objective = get_objective("diffusion-dpo")
     seen_draws = set()
     for position, batch in enumerate(loader):
-        draws = pair_generators(batch, PairDraws.for_batch(0, position, 0, batch["indices"]), 42)
+        draws = pair_generators(batch, PairDraws.for_batch(0, position, 0, batch.indices), 42)
         latents = batch_latents(adapter, batch, None)
         noisy = adapter.noisy_inputs(latents, draws.pairs)
         cond = batch_conditioning(adapter, batch)
         with torch.no_grad():
             live = AdapterOffReference().predict(adapter, noisy, cond, batch)
             policy = adapter.predict(noisy.noisy, noisy.timesteps, cond)
-        assert torch.allclose(batch["reference_errors"], per_sample_error(live, noisy.target),
+        assert torch.allclose(batch.reference_errors, per_sample_error(live, noisy.target),
                               atol=1e-6, rtol=1e-6)
         cached_loss = objective.from_errors(per_sample_error(policy, noisy.target),
-                                            batch["reference_errors"], noisy.timesteps,
+                                            batch.reference_errors, noisy.timesteps,
                                             adapter.noise_scheduler).loss
         live_loss = objective(policy, live, noisy.target, noisy.timesteps, adapter.noise_scheduler).loss
         assert abs(cached_loss.item() - live_loss.item()) <= 1e-6
-        seen_draws.update(batch["reference_draw"].tolist())
+        seen_draws.update(batch.reference_draw.tolist())
     assert seen_draws == {0, 1, 2}  # 8 batches = 2 epochs of 4: every pair cycles its draws
 
 

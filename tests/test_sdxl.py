@@ -10,6 +10,7 @@ itself changes them by > 1e-2, so a lost or mis-scaled module fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ from tiny_sdxl import (POOLED_DIM, TE1_WIDTH, TE2_WIDTH, diffusers_to_original_s
                        tiny_sdxl_pipeline)
 from transformers import CLIPTextModelWithProjection
 
+from sipo_plugin.data.batch import PairBatch
 from sipo_plugin.export import export_lora, sgm_block_prefixes, sgm_module_namer, sgm_unet_module_path
 from sipo_plugin.models import get_model_adapter
 from sipo_plugin.data import PairDataset, collate_pairs, read_pairs
@@ -104,11 +106,13 @@ def test_time_ids_from_sizes_and_crops():
     ids = sdxl_time_ids(torch.tensor([[1024, 768], [600, 800]]), torch.tensor([[0, 128], [32, 0]]),
                         torch.tensor([[1024, 1024], [512, 512]]))
     assert ids.tolist() == [[1024, 768, 0, 128, 1024, 1024], [600, 800, 32, 0, 512, 512]]
-    batch = {"pixel_values": torch.zeros(4, 3, 16, 24), "original_sizes": torch.tensor([[40, 60]] * 4)}
+    pairs = {"weights": torch.ones(2), "indices": torch.arange(2)}
+    batch = PairBatch(pixel_values=torch.zeros(4, 3, 16, 24),
+                      extras={"original_sizes": torch.tensor([[40, 60]] * 4)}, **pairs)
     assert batch_time_ids(batch, 8).tolist() == [[40, 60, 0, 0, 16, 24]] * 4  # target, crop fall back
-    assert batch_time_ids({"pixel_values": torch.zeros(2, 3, 16, 24)}, 8).tolist() == [
+    assert batch_time_ids(PairBatch(pixel_values=torch.zeros(2, 3, 16, 24), **pairs), 8).tolist() == [
         [16, 24, 0, 0, 16, 24]] * 2
-    assert batch_time_ids({"latents": torch.zeros(2, 4, 8, 12)}, 8).tolist() == [
+    assert batch_time_ids(PairBatch(latents=torch.zeros(2, 4, 8, 12), **pairs), 8).tolist() == [
         [64, 96, 0, 0, 64, 96]] * 2
     with pytest.raises(ValueError, match="one row per image"):
         sdxl_time_ids(torch.zeros(4, 2), torch.zeros(2, 2), torch.zeros(4, 2))
@@ -121,7 +125,8 @@ def test_pair_conditioning_matches_the_pipelines_added_conditioning(model_dir):
     sizes = {"original_sizes": torch.tensor([[20, 24], [16, 16], [40, 32], [16, 16]]),
              "crop_top_lefts": torch.tensor([[2, 4], [0, 0], [12, 8], [0, 0]]),
              "target_sizes": torch.tensor([[16, 16]] * 4)}
-    batch = {"pixel_values": torch.zeros(4, 3, 16, 16), "prompts": PROMPTS, **sizes}
+    batch = PairBatch(pixel_values=torch.zeros(4, 3, 16, 16), prompts=PROMPTS, extras=sizes,
+                      weights=torch.ones(2), indices=torch.arange(2))
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([10, 700, 10, 700])
     with torch.no_grad():
@@ -134,7 +139,7 @@ def test_pair_conditioning_matches_the_pipelines_added_conditioning(model_dir):
         expected = pipe.unet(x, t, torch.cat([embeds, embeds]), added_cond_kwargs={
             "text_embeds": torch.cat([pooled, pooled]), "time_ids": time_ids}).sample
         plain = adapter.predict(x, t, adapter.pair_conditioning(adapter.encode_prompts(PROMPTS),
-                                                                {"pixel_values": batch["pixel_values"]}))
+                                                                dataclasses.replace(batch, extras={})))
     assert torch.equal(cond["time_ids"], time_ids)
     assert max_diff(pred, expected) <= TOL
     assert max_diff(pred[:2], plain[:2]) > MIN_EFFECT  # rows 0, 2 have other sizes than 16x16
@@ -150,8 +155,9 @@ def test_time_ids_of_a_collated_batch_are_the_images_sizes_and_crops(model_dir, 
     time_ids = load_adapter(model_dir).pair_conditioning({}, batch)["time_ids"]
     assert time_ids[:2].tolist() == [[16, 20, 0, 2, 16, 16], [20, 20, 0, 0, 16, 16]]
     assert torch.equal(time_ids[:3], time_ids[3:])  # the loser's images have the winner's sizes here
-    assert torch.equal(time_ids, torch.cat([batch["original_sizes"], batch["crop_top_lefts"],
-                                            batch["target_sizes"]], dim=1).float())
+    assert torch.equal(time_ids, torch.cat([batch.extras["original_sizes"],
+                                            batch.extras["crop_top_lefts"],
+                                            batch.extras["target_sizes"]], dim=1).float())
 
 
 def test_winner_and_loser_share_noise_and_timestep(model_dir):
@@ -251,9 +257,10 @@ def lora_adapter(model_dir: Path, seed: int = 1) -> SDXLAdapter:
 
 def outputs(adapter: SDXLAdapter) -> dict[str, torch.Tensor]:
     """Text conditioning and U-Net prediction on fixed inputs (non-default sizes)."""
-    batch = {"pixel_values": torch.zeros(4, 3, 16, 16),
-             "original_sizes": torch.tensor([[20, 24], [16, 16], [20, 24], [16, 16]]),
-             "crop_top_lefts": torch.tensor([[2, 4], [0, 0], [2, 4], [0, 0]])}
+    batch = PairBatch(pixel_values=torch.zeros(4, 3, 16, 16), weights=torch.ones(2),
+                      indices=torch.arange(2), extras={
+                          "original_sizes": torch.tensor([[20, 24], [16, 16], [20, 24], [16, 16]]),
+                          "crop_top_lefts": torch.tensor([[2, 4], [0, 0], [2, 4], [0, 0]])})
     g = torch.Generator().manual_seed(123)
     x, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([10, 700, 10, 700])
     with torch.no_grad():

@@ -88,7 +88,7 @@ def bucket_batch(adapter, params, reference, batch, bucket: int, n_buckets: int,
     n_t = num_train_timesteps(scheduler)
     with torch.no_grad():
         latents = batch_latents(adapter, batch, generator)
-        cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
+        cond = adapter.pair_conditioning(adapter.encode_prompts(batch.prompts), batch)
     b = latents.shape[0] // 2
     noise, drawn = adapter.draw_noise_and_timesteps(latents[:b].shape, generator)
     t = stratified_timesteps(bucket, b, n_t, n_buckets, generator,
@@ -102,7 +102,7 @@ def bucket_batch(adapter, params, reference, batch, bucket: int, n_buckets: int,
     rows = []
     for i in range(min(grad_count, b)):
         if adapter.trains_text_encoder:  # the text encoder's LoRA gets gradient via the prompts
-            cond = adapter.pair_conditioning(adapter.encode_prompts(batch["prompts"]), batch)
+            cond = adapter.pair_conditioning(adapter.encode_prompts(batch.prompts), batch)
         rows.append(per_sample_gradients(adapter, params, noisy, cond, [i, b + i])[1:])
     terms = [torch.stack([r[k] for r in rows]) if rows else torch.zeros(0, dtype=torch.float64)
              for k in (0, 1, 2)]  # 3 x [grad_count]

@@ -1,5 +1,5 @@
 """Preference-pair data: readers (folder w/ l/, JSONL, CSV, Pick-a-Pic parquet), image loading,
-aspect-ratio buckets, augmentation, batch layout.
+aspect-ratio buckets, augmentation, the batch contract (`PairBatch`).
 
 Names load from their modules on first use: the readers and image checks need no torch
 (``--check`` uses them); the dataset, samplers and loader do.
@@ -11,6 +11,7 @@ import importlib
 
 _EXPORTS = {
     "augment": ("Draw", "PairAugmentation"),
+    "batch": ("PairBatch",),
     "buckets": ("BucketSpec", "bucket_resolutions", "pair_bucket_hw", "select_bucket"),
     "errors": ("PairDataError",),
     "images": ("IMAGE_EXTENSIONS", "fit_to_size", "load_image"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -28,25 +28,24 @@ from safetensors import safe_open
 
 from ..utils.io import save_safetensors_atomic
 from ..utils.seeding import seeded_generator
+from .batch import PairBatch
 
 LATENT_STREAM = -3  # generator key of the cached VAE posterior samples: (seed, LATENT_STREAM, i, side)
-# batch keys the cache rebuilds itself; every other tensor of a one-pair batch is passed through
-_BATCH_KEYS = ("pixel_values", "latents", "prompts", "weights", "indices", "index")
 
 
-def batch_latents(adapter, batch: dict, generators) -> torch.Tensor:
+def batch_latents(adapter, batch: PairBatch, generators) -> torch.Tensor:
     """[2B, ...] latents: the cached ones when the batch carries them, else the VAE encodes."""
-    if "latents" in batch:
-        return batch["latents"].to(adapter.device)
-    return adapter.encode_images(batch["pixel_values"], generators)
+    if batch.latents is not None:
+        return batch.latents.to(adapter.device)
+    return adapter.encode_images(batch.pixel_values, generators)
 
 
-def batch_conditioning(adapter, batch: dict) -> dict[str, torch.Tensor]:
+def batch_conditioning(adapter, batch: PairBatch) -> dict[str, torch.Tensor]:
     """[2B] conditioning: cached text-encoder outputs when the batch carries them, else encoded."""
-    if "cond" in batch:
-        cond = {name: value.to(adapter.device) for name, value in batch["cond"].items()}
+    if batch.cond is not None:
+        cond = {name: value.to(adapter.device) for name, value in batch.cond.items()}
     else:
-        cond = adapter.encode_prompts(batch["prompts"])
+        cond = adapter.encode_prompts(batch.prompts)
     return adapter.pair_conditioning(cond, batch)
 
 
@@ -67,11 +66,6 @@ def data_settings(config) -> dict:
     part of every cache fingerprint."""
     return {k: v for k, v in config.to_dict()["data"].items()
             if not k.startswith("cache") and k != "dataloader_num_workers"}
-
-
-def pair_extras(batch: dict) -> dict[str, torch.Tensor]:
-    """The tensors of a one-pair batch the cache passes through (not pixels, prompts, weights)."""
-    return {k: v for k, v in batch.items() if k not in _BATCH_KEYS and torch.is_tensor(v)}
 
 
 def stack_pair_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -121,7 +115,7 @@ def build_latent_cache(adapter, dataset, collate: Callable, records, *, seed: in
         batch = collate([dataset[i]])
         generators = [seeded_generator(seed, LATENT_STREAM, i, side) for side in (0, 1)]
         entry = {"latents": batch_latents(adapter, batch, generators).cpu(),
-                 **{f"extra.{k}": v.cpu() for k, v in pair_extras(batch).items()}}
+                 **{f"extra.{k}": v.cpu() for k, v in batch.extras.items()}}
         if folder is None:
             cache.entries[i] = entry
         else:
@@ -211,23 +205,26 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
 
 def collate_cached(items: Sequence[dict], *, base_collate: Callable,
-                   prompts: PromptCache | None) -> dict:
-    """Items -> a batch: ``latents`` [2B, ...] winners first (or the base collate's pixels),
-    ``cond`` [B, ...] from the prompt cache (or ``prompts``), weights, indices, extras."""
+                   prompts: PromptCache | None) -> PairBatch:
+    """Items -> a `PairBatch`: ``latents`` [2B, ...] winners first (or the base collate's pixels),
+    ``cond`` [B, ...] from the prompt cache (or ``prompts``), weights, indices, extras, and the
+    cached reference's errors [2B] and draws [B] when the items carry them."""
     if "latents" in items[0]:
-        batch = {"latents": stack_pair_rows([item["latents"] for item in items]),
-                 "prompts": [item["prompt"] for item in items],
-                 "weights": torch.tensor([float(item["weight"]) for item in items]),
-                 "indices": torch.tensor([int(item["index"]) for item in items])}
-        for key in (k for k in items[0] if k.startswith("extra.")):
-            batch[key[len("extra."):]] = stack_pair_rows([item[key] for item in items])
+        batch = PairBatch(
+            latents=stack_pair_rows([item["latents"] for item in items]),
+            prompts=[item["prompt"] for item in items],
+            weights=torch.tensor([float(item["weight"]) for item in items]),
+            indices=torch.tensor([int(item["index"]) for item in items]),
+            extras={key[len("extra."):]: stack_pair_rows([item[key] for item in items])
+                    for key in items[0] if key.startswith("extra.")})
     else:
         batch = base_collate([{k: v for k, v in item.items() if not k.startswith("reference_")}
                               for item in items])
-    for key in (k for k in items[0] if k.startswith("reference_")):
-        batch[key] = stack_pair_rows([item[key] for item in items])
+    if "reference_errors" in items[0]:
+        batch = replace(batch, **{key: stack_pair_rows([item[key] for item in items])
+                                  for key in ("reference_errors", "reference_draw")})
     if prompts is not None:
-        batch["cond"] = prompts.lookup(batch.pop("prompts"))
+        batch = replace(batch, cond=prompts.lookup(batch.prompts), prompts=None)
     return batch
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .augment import PairAugmentation
+from .batch import PairBatch
 from ..objectives.errors import split_pair  # noqa: F401  (the one helper for the layout)
 from .images import fit_to_size, pil_to_tensor
 from .readers import (PairRecord, read_csv_manifest, read_jsonl_manifest,  # noqa: F401
@@ -73,26 +74,29 @@ def _winners_first(items: Sequence[Mapping], key: str) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def collate_pairs(items: Sequence[Mapping]) -> dict:
-    """B items -> pixel_values [2B,3,H,W] (winners first, then losers), prompts [B], weights [B],
-    indices [B], and SDXL's per-image conditioning in the pixel layout: original_sizes [2B,2]
-    (h, w before resizing), crop_top_lefts [2B,2] (top, left), target_sizes [2B,2] (h, w)."""
+def collate_pairs(items: Sequence[Mapping]) -> PairBatch:
+    """B items -> a `PairBatch`: pixel_values [2B,3,H,W] (winners first, then losers), prompts
+    [B], weights [B], indices [B], saved latents [2B, ...] when the items carry them, and SDXL's
+    per-image conditioning in the pixel layout as extras: original_sizes [2B,2] (h, w before
+    resizing), crop_top_lefts [2B,2] (top, left), target_sizes [2B,2] (h, w)."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
     chosen = torch.stack([item["chosen"] for item in items])  # [B, 3, H, W]
     rejected = torch.stack([item["rejected"] for item in items])  # [B, 3, H, W]
-    batch = {
-        "pixel_values": torch.cat([chosen, rejected], dim=0),  # [2B, 3, H, W]
-        "prompts": [item["prompt"] for item in items],
-        "weights": torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32),
-        "indices": torch.tensor([int(item["index"]) for item in items], dtype=torch.int64),
-    }
+    latents = None
     if "latents" in items[0]:  # saved latents [2, ...] per pair -> [2B, ...], winners first
-        batch["latents"] = torch.cat([torch.stack([item["latents"][side] for item in items])
-                                      for side in (0, 1)])
+        latents = torch.cat([torch.stack([item["latents"][side] for item in items])
+                             for side in (0, 1)])
+    extras = {}
     if "original_size" in items[0]:
-        batch["original_sizes"] = _winners_first(items, "original_size")
-        batch["crop_top_lefts"] = _winners_first(items, "crop_top_left")
+        extras["original_sizes"] = _winners_first(items, "original_size")
+        extras["crop_top_lefts"] = _winners_first(items, "crop_top_left")
         target = [tuple(item["target_size"]) for item in items]
-        batch["target_sizes"] = torch.tensor(target + target, dtype=torch.int64)
-    return batch
+        extras["target_sizes"] = torch.tensor(target + target, dtype=torch.int64)
+    return PairBatch(
+        pixel_values=torch.cat([chosen, rejected], dim=0),  # [2B, 3, H, W]
+        latents=latents,
+        prompts=[item["prompt"] for item in items],
+        weights=torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32),
+        indices=torch.tensor([int(item["index"]) for item in items], dtype=torch.int64),
+        extras=extras)

@@ -108,9 +108,9 @@ class ModelAdapter(ABC):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """B prompts -> conditioning tensors [B, ...] (with grad when the text encoder is trained)."""
 
-    def pair_conditioning(self, cond: Conditioning, batch: dict) -> Conditioning:
+    def pair_conditioning(self, cond: Conditioning, batch) -> Conditioning:
         """[B] prompt conditioning -> [2B] for winners then losers; families whose conditioning
-        depends on each image (SDXL's size and crop ids) add it here from the batch."""
+        depends on each image (SDXL's size and crop ids) add it here from the `PairBatch`."""
         return {name: repeat_pair(value) for name, value in cond.items()}
 
     def draw_noise_and_timesteps(self, pair_latent_shape: torch.Size, generator: Generators

@@ -40,20 +40,20 @@ def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor,
     return torch.cat(parts, dim=1)
 
 
-def batch_time_ids(batch: dict, vae_scale_factor: int) -> torch.Tensor:
-    """[2B, 6] time ids from the batch's sizes and crops. Without them an image counts as
-    uncropped at its training size: original = target = the pixel size (of "pixel_values", or of
-    "latents" times `vae_scale_factor`), crop (0, 0)."""
-    if "pixel_values" in batch:
-        images = batch["pixel_values"]
+def batch_time_ids(batch, vae_scale_factor: int) -> torch.Tensor:
+    """[2B, 6] time ids from a `PairBatch`'s sizes and crops (its extras). Without them an image
+    counts as uncropped at its training size: original = target = the pixel size (of
+    pixel_values, or of latents times `vae_scale_factor`), crop (0, 0)."""
+    if batch.pixel_values is not None:
+        images = batch.pixel_values
         count, size = images.shape[0], tuple(images.shape[-2:])
     else:
-        latents = batch["latents"]
+        latents = batch.latents
         count, size = latents.shape[0], tuple(s * vae_scale_factor for s in latents.shape[-2:])
     pixel_size = torch.tensor([size], dtype=torch.float32).expand(count, 2)
     fallback = {"original_sizes": pixel_size, "crop_top_lefts": torch.zeros(count, 2),
                 "target_sizes": pixel_size}
-    return sdxl_time_ids(*(batch[k] if k in batch else fallback[k] for k in SIZE_KEYS))
+    return sdxl_time_ids(*(batch.extras.get(k, fallback[k]) for k in SIZE_KEYS))
 
 
 @register_model_family("sdxl")
@@ -93,7 +93,7 @@ class SDXLAdapter(SD15Adapter):
             hidden.append(out.hidden_states[-self.clip_skip])
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out.text_embeds}
 
-    def pair_conditioning(self, cond: Conditioning, batch: dict) -> Conditioning:
+    def pair_conditioning(self, cond: Conditioning, batch) -> Conditioning:
         paired = super().pair_conditioning(cond, batch)
         paired["time_ids"] = batch_time_ids(batch, self.vae_scale_factor).to(self.device)
         return paired

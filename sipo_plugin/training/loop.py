@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..data import PairBatchSampler, collate_pairs, read_pairs
+from ..data.batch import PairBatch
 from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, first_kept_timestep, get_objective, per_sample_error
@@ -122,16 +123,16 @@ class PairDraws:
                    pairs=[seeded_generator(seed, step, micro, i, 2) for i in ids])
 
 
-def batch_draws(batch: dict, seed: int, step: int, micro: int) -> PairDraws:
+def batch_draws(batch: PairBatch, seed: int, step: int, micro: int) -> PairDraws:
     """The streams a micro-batch uses, and no others: no VAE streams when its latents are cached,
     the pair's stored draw when its reference errors are (generators cost tens of us each)."""
-    if "reference_draw" in batch:
-        return PairDraws(images=[], pairs=draw_generators(seed, batch["indices"].tolist(),
-                                                          batch["reference_draw"].tolist()))
-    return PairDraws.for_batch(seed, step, micro, batch["indices"], images="latents" not in batch)
+    if batch.reference_draw is not None:
+        return PairDraws(images=[], pairs=draw_generators(seed, batch.indices.tolist(),
+                                                          batch.reference_draw.tolist()))
+    return PairDraws.for_batch(seed, step, micro, batch.indices, images=batch.latents is None)
 
 
-def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accelerator,
+def train_step(batch: PairBatch, adapter: ModelAdapter, objective, accelerator: Accelerator,
                optimizer, lr_scheduler, params, max_grad_norm: float, draws: PairDraws,
                reference=None, loss_scale: float = 1.0) -> dict:
     """One micro-batch of B pairs laid out as 2B samples, winners first. ``reference``: the live
@@ -154,7 +155,7 @@ def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accel
         num_pairs = noisy.timesteps.shape[0] // 2
         out = objective.from_errors_on_device(per_sample_error(model_pred, noisy.target), ref_err,
                                               noisy.timesteps[:num_pairs], adapter.noise_scheduler)
-        loss = weighted_pair_loss(out, batch["weights"]) * loss_scale
+        loss = weighted_pair_loss(out, batch.weights) * loss_scale
         accelerator.backward(loss)
         if accelerator.sync_gradients and accelerator.num_processes > 1:
             average_gradients(params, accelerator)
@@ -166,14 +167,14 @@ def train_step(batch: dict, adapter: ModelAdapter, objective, accelerator: Accel
     return {**out.metrics, "loss": out.metrics["loss"] * loss_scale}
 
 
-def step_reference_errors(objective, batch: dict, adapter: ModelAdapter, noisy, cond: dict,
+def step_reference_errors(objective, batch: PairBatch, adapter: ModelAdapter, noisy, cond: dict,
                           reference, accelerator: Accelerator) -> torch.Tensor | None:
     """[2B] reference errors: the batch's cached ones, the live reference's (no grad), or None
     when the objective does not use them (sft: no reference forward at all)."""
     if not objective.needs_reference:
         return None
-    if "reference_errors" in batch:
-        return batch["reference_errors"]
+    if batch.reference_errors is not None:
+        return batch.reference_errors
     with torch.no_grad(), accelerator.autocast():
         ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
     return per_sample_error(ref_pred, noisy.target)
@@ -254,7 +255,7 @@ def calibration_sample(adapter: ModelAdapter, loader, seed: int, reference=None,
         return cached.calibration_sample()
     errors, timesteps = [], []
     for batch in loader:
-        draws = PairDraws.for_batch(seed, CALIBRATION_STEP, 0, batch["indices"])
+        draws = PairDraws.for_batch(seed, CALIBRATION_STEP, 0, batch.indices)
         latents = batch_latents(adapter, batch, draws.images)
         noisy = adapter.noisy_inputs(latents, draws.pairs)
         cond = batch_conditioning(adapter, batch)

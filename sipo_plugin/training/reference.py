@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from ..data.batch import PairBatch
 from ..data.cache import (batch_conditioning, batch_latents, data_settings, file_identity,
                           fingerprint)
 from ..objectives import get_objective, per_sample_error
@@ -47,7 +48,7 @@ class AdapterOffReference:
     """LoRA: the same weights with the adapter disabled (text-encoder LoRA off too), or with the
     frozen starting adapter active instead (reference = "initial", ``adapter.reference()``)."""
 
-    def predict(self, adapter, noisy, cond: dict, batch: dict) -> torch.Tensor:
+    def predict(self, adapter, noisy, cond: dict, batch: PairBatch) -> torch.Tensor:
         with adapter.reference():
             ref_cond = batch_conditioning(adapter, batch) if adapter.trains_text_encoder else cond
             return adapter.predict(noisy.noisy, noisy.timesteps, ref_cond)
@@ -60,7 +61,7 @@ class FrozenCopyReference:
         self.module = module
         self.device = next(module.parameters()).device
 
-    def predict(self, adapter, noisy, cond: dict, batch: dict) -> torch.Tensor:
+    def predict(self, adapter, noisy, cond: dict, batch: PairBatch) -> torch.Tensor:
         if adapter.trains_text_encoder:  # the base text encoder: its LoRA off
             with adapter.reference():
                 cond = batch_conditioning(adapter, batch)
@@ -74,7 +75,7 @@ class FrozenCopyReference:
 class UntrainedModelReference:
     """The model itself, valid only before its first update (the cached pre-pass, full FT)."""
 
-    def predict(self, adapter, noisy, cond: dict, batch: dict) -> torch.Tensor:
+    def predict(self, adapter, noisy, cond: dict, batch: PairBatch) -> torch.Tensor:
         return adapter.predict(noisy.noisy, noisy.timesteps, cond)
 
 
@@ -141,16 +142,16 @@ class CachedReferenceErrors:
         return errors, timesteps
 
 
-def pair_generators(batch: dict, draws, seed: int):
+def pair_generators(batch: PairBatch, draws, seed: int):
     """The micro-batch's draws, with each pair's stored draw when the reference is cached."""
-    if "reference_draw" not in batch:
+    if batch.reference_draw is None:
         return draws
-    return replace(draws, pairs=draw_generators(seed, batch["indices"].tolist(),
-                                                batch["reference_draw"].tolist()))
+    return replace(draws, pairs=draw_generators(seed, batch.indices.tolist(),
+                                                batch.reference_draw.tolist()))
 
 
 @torch.no_grad()
-def compute_reference_errors(adapter, reference, items: Callable[[list[int]], dict], num_pairs: int,
+def compute_reference_errors(adapter, reference, items: Callable[[list[int]], PairBatch], num_pairs: int,
                              chunks: list[list[int]], *, draws: int, seed: int,
                              autocast=contextlib.nullcontext) -> CachedReferenceErrors:
     """The pre-pass: reference errors of K draws for every pair, one chunk of pairs at a time.
@@ -224,7 +225,7 @@ def cached_reference_errors(config, adapter, records, data_cache, loader, cache_
     dataset = data_cache.dataset(loader)
     collate = data_cache.wrap(loader).collate_fn
 
-    def items(pairs: list[int]) -> dict:
+    def items(pairs: list[int]) -> PairBatch:
         return collate([dataset[(i, 0)] for i in pairs])
 
     reference = (UntrainedModelReference() if config.network.finetune == "full"
