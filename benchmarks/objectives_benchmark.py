@@ -209,16 +209,12 @@ def first_timestep(config) -> int:
                 0)
 
 
-def run_one(spec: RunSpec) -> dict:
-    """Train, evaluate at the snapshot steps, write and return the run's JSON."""
-    import torch
-
+def train_and_evaluate(spec, config):
+    """``(result, error, recorder, curve)``: train ``config`` with a :class:`StepRecorder`, then
+    evaluate the LoRA at the snapshot steps (``result`` None and ``error`` set on a non-finite
+    loss; ``curve`` maps step -> toy evaluation)."""
     from sipo_plugin.training import loop
-    from sipo_plugin.utils.io import atomic_write_text
 
-    torch.set_num_threads(1)
-    start = time.time()
-    config = run_config(spec)
     recorder = StepRecorder(eval_steps(spec.settings.steps, spec.settings.eval_points))
     original = loop.train_step
     loop.train_step = recorder.wrap(original)
@@ -230,6 +226,19 @@ def run_one(spec: RunSpec) -> dict:
     finally:
         loop.train_step = original
     curve = evaluate_snapshots(spec, config, result, recorder.snapshots) if result else {}
+    return result, error, recorder, curve
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Train, evaluate at the snapshot steps, write and return the run's JSON."""
+    import torch
+
+    from sipo_plugin.utils.io import atomic_write_text
+
+    torch.set_num_threads(1)
+    start = time.time()
+    config = run_config(spec)
+    result, error, recorder, curve = train_and_evaluate(spec, config)
     final = curve[max(curve)] if curve else {}
     nonfinite = bool(error) or not all(math.isfinite(v) for v in recorder.losses)
     fid_drop = final.get("base_fidelity", math.nan) - final.get("tuned_fidelity", math.nan)
@@ -333,7 +342,10 @@ def build_specs(args, s: Settings, inputs: dict[str, Path], base_images: Path) -
     return specs
 
 
-def run_all(specs: list[RunSpec], workers: int) -> list[dict]:
+def run_all(specs: list[RunSpec], workers: int, run=None, report=None) -> list[dict]:
+    """Runs every spec not already written with the same settings on ``workers`` processes;
+    ``run(spec) -> row`` and ``report(row, done, total, start)`` default to this benchmark's."""
+    run, report = run or run_one, report or report_progress
     rows, todo = [], []
     for spec in specs:
         done = json.loads(spec.result_path.read_text()) if spec.result_path.is_file() else None
@@ -346,13 +358,13 @@ def run_all(specs: list[RunSpec], workers: int) -> list[dict]:
     start = time.time()
     if workers <= 1:
         for i, spec in enumerate(todo):
-            rows.append(run_one(spec))
-            report_progress(rows[-1], i + 1, len(todo), start)
+            rows.append(run(spec))
+            report(rows[-1], i + 1, len(todo), start)
         return rows
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # no max_tasks_per_child: Python 3.11's pool can hang when it replaces a retired worker
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, spec): spec for spec in todo}
+        futures = {pool.submit(run, spec): spec for spec in todo}
         for i, future in enumerate(as_completed(futures)):
             try:
                 rows.append(future.result())
@@ -361,7 +373,7 @@ def run_all(specs: list[RunSpec], workers: int) -> list[dict]:
                 print(f"FAILED {spec.data} {spec.variant} beta={spec.beta} seed={spec.seed}: "
                       f"{type(err).__name__}: {err}", flush=True)
                 continue
-            report_progress(rows[-1], i + 1, len(todo), start)
+            report(rows[-1], i + 1, len(todo), start)
     return rows
 
 

@@ -71,3 +71,58 @@ def test_benchmark_smoke(bench, tmp_path, capsys):
     bench.main(argv)
     assert "2 already done, 0 to run" in capsys.readouterr().out
     assert mtimes == {p: p.stat().st_mtime_ns for p in (runs / "runs").rglob("seed*.json")}
+
+
+@pytest.fixture(scope="module")
+def stress(bench):
+    spec = importlib.util.spec_from_file_location("stress", ROOT / "benchmarks" / "stress.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_stress_collapse_rules_and_overrides(stress):
+    base = {"base_fidelity": 0.97}
+    assert stress.collapse_reasons(False, {**base, "tuned_fidelity": 0.90, "reward_gain": 0.01},
+                                   0.10) == []
+    assert stress.collapse_reasons(False, {**base, "tuned_fidelity": 0.85, "reward_gain": -0.02},
+                                   0.10) == ["fidelity -0.12", "reward gain -0.020"]
+    assert stress.collapse_reasons(True, {}, 0.10) == ["non-finite loss"]
+    assert stress.collapse_reasons(False, {}, 0.10) == ["fidelity -nan", "reward gain +nan"]
+    values = dict(zip(*[iter(stress.objective_overrides("sipo-wide", 20000.0))] * 2, strict=True))
+    assert values["--objective"] == "sipo" and float(values["--sft_weight"]) == 0.0
+    assert float(values["--beta"]) == 20000.0 and float(values["--clip_eps"]) == 0.5
+    assert float(values["--mask_threshold"]) == 0.5
+    quick = stress.parse_args(["--quick", "--out", "x"])
+    assert (quick.data, quick.seeds, quick.steps) == (["on_policy"], [0], 120)
+    assert quick.runs == Path("x") / "quick"
+
+
+@pytest.mark.slow
+def test_stress_benchmark_smoke(stress, tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--workers", "1",
+            "--data", "on_policy", "--seeds", "0", "--variants", "diffusion-dpo", "sipo-wide",
+            "sipo-1427", "--learning-rates", "3e-3", "--betas", "20000", "--steps", "3",
+            "--batch", "2", "--num-pairs", "4", "--eval-samples", "4", "--eval-points", "1",
+            "--eval-inference-steps", "2"]
+    summary = stress.main(argv)
+    rows = [json.loads(p.read_text()) for p in sorted((tmp_path / "full" / "runs").rglob("*.json"))]
+    assert {r["variant"] for r in rows} == {"diffusion-dpo", "sipo-wide", "sipo-1427"}
+    for r in rows:
+        assert r["learning_rate"] == 3e-3 and r["beta"] == 20000.0
+        assert r["objective_hyperparameters"]["sft_weight"] == 0.0
+        assert len(r["loss_by_step"]) == 3 and len(r["grad_norm_by_step"]) == 3
+        assert list(r["curve"]) == ["3"] and r["best_gain"] == r["final"]["reward_gain"]
+        assert r["collapsed"] == bool(r["collapse_reasons"])
+    wide = next(r for r in rows if r["variant"] == "sipo-wide")
+    assert wide["objective_hyperparameters"]["clip_eps"] == 0.5
+    assert isinstance(wide["objective_hyperparameters"]["kappa"], float)  # calibrated
+    assert next(r for r in rows if r["variant"] == "sipo-1427")["objective"] == "sipo-1427"
+    assert [c["n"] for c in summary["cells"]] == [1, 1, 1]
+    table = (tmp_path / "full" / "summary.md").read_text()
+    assert "| on-policy | sipo-1427 | 0.003 | 20000 |" in table
+    capsys.readouterr()
+    stress.main(argv)  # resumes: nothing is trained again
+    assert "3 already done, 0 to run" in capsys.readouterr().out

@@ -5,7 +5,7 @@
     out = objective(model_pred, ref_pred, target, timesteps, scheduler)   # [2B, ...] winners first
     out.loss.backward(); print(out.metrics)
 
-Built-ins: ``diffusion-dpo``, ``dpo-cm``, ``sipo``, ``sft``; more through the entry-point group
+Built-ins: ``diffusion-dpo``, ``dpo-cm``, ``sipo``, ``sipo-1427``, ``sft``; more through the entry-point group
 ``sipo_plugin.objectives``. Usable without anything else in the package.
 """
 
@@ -21,6 +21,7 @@ __all__ = [
     "ObjectiveSpec",
     "PairErrors",
     "SFTConfig",
+    "SIPO1427Config",
     "SIPOConfig",
     "UnknownObjectiveError",
     "available_objectives",
@@ -37,6 +38,7 @@ __all__ = [
     "register_objective",
     "schedule_error_factor",
     "sft_loss",
+    "sipo_1427_loss",
     "sipo_loss",
     "snr",
     "split_pair",

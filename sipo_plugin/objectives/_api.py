@@ -21,5 +21,6 @@ from .schedule import parametrization, schedule_error_factor, snr
 from .diffusion_dpo import DiffusionDPOConfig, diffusion_dpo_loss  # noqa: E402
 from .dpo_cm import DPOCMConfig, dpo_cm_loss  # noqa: E402
 from .sipo import SIPOConfig, sipo_loss  # noqa: E402
+from .sipo_1427 import SIPO1427Config, sipo_1427_loss  # noqa: E402
 from .sft import SFTConfig, sft_loss  # noqa: E402
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .validation import check_choice, check_float
 
 __all__ = ["BUILTIN_CONFIGS", "DPOCMConfig", "DiffusionDPOConfig", "LOSS_TYPES", "PAIR_WEIGHTS",
-           "SFTConfig", "SIPOConfig", "WEIGHT_MODELS", "check_kappa"]
+           "SFTConfig", "SIPO1427Config", "SIPOConfig", "WEIGHT_MODELS", "check_kappa"]
 
 LOSS_TYPES = ("sigmoid", "hinge")
 WEIGHT_MODELS = ("step", "reference")
@@ -126,6 +126,25 @@ class SIPOConfig(DPOCMConfig):
 
 
 @dataclass(frozen=True)
+class SIPO1427Config(DiffusionDPOConfig):
+    """Hyper-parameters of ``sipo-1427`` (sd-scripts PR #1427's reading of SDPO)."""
+
+    clip_eps: float = field(
+        default=0.1, metadata={"help": "inverse weights clipped to [1-eps, 1+eps] (PR's sdpo_epsilon)"}
+    )
+    kappa: float = field(
+        default=1.0, metadata={"help": "weight temperature: 1/w = exp(kappa (m - r)); 1 is the PR's"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        clip_eps = check_float("clip_eps", self.clip_eps, low=0.0, high=1.0, high_open=True)
+        object.__setattr__(self, "clip_eps", clip_eps)
+        object.__setattr__(self, "kappa", check_float("kappa", self.kappa, low=0.0, low_open=True))
+
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """SFT takes no hyper-parameters."""
 
@@ -133,4 +152,4 @@ class SFTConfig:
 
 # name -> hyper-parameter class of every built-in objective (the registry holds the same pairs)
 BUILTIN_CONFIGS = {"diffusion-dpo": DiffusionDPOConfig, "dpo-cm": DPOCMConfig, "sipo": SIPOConfig,
-                   "sft": SFTConfig}
+                   "sipo-1427": SIPO1427Config, "sft": SFTConfig}
