@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import train_sipo
 from sipo_plugin.data import PairBatchSampler, PairDataError
-from sipo_plugin.training.checks import TOY_MODEL_DIR
+from sipo_plugin.toy.registration import TOY_MODEL_DIR
 from sipo_plugin.training.config import ConfigError, describe_keys, load_config
 from sipo_plugin.training.loop import NonFiniteLossError, train
 from sipo_plugin.training.memory import quiet_bitsandbytes

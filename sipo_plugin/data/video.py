@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.families import (BASE_WEIGHTS_DTYPES, check_num_frames,  # noqa: F401
-                               check_video_config, check_video_size)
+from ..models.families import check_num_frames
 from .errors import PairDataError
 from .images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor, resize_center_crop
 from .pairs import PairRecord
@@ -195,8 +194,8 @@ class VideoPairDataset(torch.utils.data.Dataset):
 
 
 def video_dataset(config, records: Sequence[PairRecord]) -> VideoPairDataset:
-    """The run's `VideoPairDataset` from its [data] settings (checked for the model family)."""
-    check_video_config(config)
+    """The run's `VideoPairDataset` from its [data] settings (checked for the model family at
+    start-up: `sipo_plugin.training.checks.family`)."""
     d = config.data
     return VideoPairDataset(records, num_frames=d.num_frames, frame_fps=d.frame_fps,
                             height=d.video_height, width=d.video_width)

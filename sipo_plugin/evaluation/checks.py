@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..pairs.prompts import prompt_set
+
 STRATEGIES = ("best_worst", "all")
 
 
 def _check_prompt_source(key: str, value: str) -> None:
-    if value and value != "toy" and not Path(value).is_file():
+    if value and prompt_set(value) is None and not Path(value).is_file():
         raise ValueError(f"{key} = '{value}': prompt file not found (a .txt / .jsonl, or 'toy')")
 
 

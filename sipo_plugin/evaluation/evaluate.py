@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..models.families import named_model
 from ..pairs.prompts import PromptEntry, cycle_prompts, read_prompts
 from ..pairs.sampler import Sample, candidate_seed, configure_pipeline, generate
 from ..utils.io import atomic_write_text
@@ -94,17 +95,9 @@ def sampler_settings(config):
     return settings_from(config.model.family, config.sampling)
 
 
-def toy_fidelity(samples: list[Sample], prompts: list[str]) -> float:
-    """The toy world's share of samples whose colour, shape and background obey the prompt."""
-    from ..toy.fidelity import fidelity
-    images = np.stack([np.asarray(s.frames[0].convert("RGB")) for s in samples])
-    return float(fidelity(images, prompts).mean())
-
-
 def evaluate_run(config, adapter, *, base_adapter=None, objective: str | None = None) -> dict:
     """Sample base and tuned, score every reward, write eval.json and the grid; returns the stats
     (the first reward's at the top level, every reward's under "rewards")."""
-    from ..training.config import TOY_MODEL
     output_dir = Path(config.training.output_dir)
     rewards = build_rewards(reward_specs(config), adapter.device)
     entries, seeds = evaluation_set(config, config.evaluate.eval_samples)
@@ -124,9 +117,9 @@ def evaluate_run(config, adapter, *, base_adapter=None, objective: str | None = 
              "settings": settings.to_dict(), "eval_seed": config.evaluate.eval_seed}
     if objective:
         stats["objective"] = objective
-    if config.model.pretrained_model_name_or_path == TOY_MODEL:
-        stats.update(base_fidelity=toy_fidelity(base, prompts),
-                     tuned_fidelity=toy_fidelity(tuned, prompts))
+    named = named_model(config.model.pretrained_model_name_or_path)
+    if named is not None and named.evaluation_stats is not None:  # e.g. the toy world's fidelity
+        stats.update(named.evaluation_stats(base, tuned, prompts))
     save_labelled_grid(base, tuned, prompts, output_dir / GRID_FILE)
     atomic_write_text(output_dir / EVAL_FILE, json.dumps(stats, indent=2))
     for name, s in per_reward.items():

@@ -75,12 +75,10 @@ def rotary_embeddings(transformer_config, latent_frames: int, latent_height: int
 class CogVideoXAdapter(VideoTransformerAdapter):
     """CogVideoX T2V: v-prediction transformer on video latents with SNR shift, T5 text."""
 
-    base_model_version = "cogvideox"
+    base_model_version = FAMILIES["cogvideox"].base_model_version
     modelspec_architecture = "cogvideox/lora"
     lora_formats = FAMILIES["cogvideox"].lora_formats
     sample_num_frames = 9  # short sample clips (3 latent frames)
-    display_name = "CogVideoX"
-    text_encoder_kind = "T5"
     load_components = staticmethod(load_cogvideox_components)
 
     def cast_frozen_weights(self, weight_dtype: torch.dtype) -> None:
@@ -104,8 +102,9 @@ class CogVideoXAdapter(VideoTransformerAdapter):
             raise ValueError(f"CogVideoX encodes videos [N, 3, F, H, W], got shape "
                              f"{tuple(pixel_values.shape)}")
         frames, height, width = pixel_values.shape[2:]
-        if (frames - 1) % 4 or height % self.video_size_multiple or width % self.video_size_multiple:
-            raise ValueError(f"CogVideoX needs 4k+1 frames and sizes divisible by "
+        step, multiple = self.frame_step, self.video_size_multiple
+        if (frames - 1) % step or height % multiple or width % multiple:
+            raise ValueError(f"CogVideoX needs {step}k+1 frames and sizes divisible by "
                              f"{self.video_size_multiple}, got {frames} frames of {height}x{width} "
                              "(set num_frames, video_height, video_width)")
         p_t = self.transformer.config.patch_size_t

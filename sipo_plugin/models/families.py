@@ -1,16 +1,22 @@
-"""What config checks need to know about each model family, without importing torch or diffusers.
+"""Each model family's declaration, without importing torch or diffusers: one `FamilyFacts` per
+family, read by the start-up checks (`sipo_plugin.training.checks`), the data and the adapters.
 
 The adapters (sd15.py, sdxl.py, cogvideox.py, wan.py) load and run the models; this table holds the
 facts that settings are checked against before anything loads: the diffusers pipeline class a
 model folder of the family declares in ``model_index.json``, the LoRA formats the adapter writes,
-and, for the video families, the frame-size multiple and the frozen text encoder.
+the prediction types it trains, whether a text-encoder LoRA is possible and, for the video
+families, the frame count (4k+1), the frame-size multiple and the frozen text encoder. Models a
+preset names instead of a path (the toy world's "toy") are registered here too (`NamedModel`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..utils.plugins import load_registrations
 
 BASE_WEIGHTS_DTYPES = ("", "bf16", "fp8")  # [model] base_weights_dtype (see the video adapters)
 # the Wan modules musubi-tuner's layout needs in every block (diffusers' converter pops exactly these)
@@ -19,29 +25,77 @@ MUSUBI_REQUIRED_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj",
 
 @dataclass(frozen=True)
 class FamilyFacts:
+    """One family's declaration, read by the start-up checks (`sipo_plugin.training.checks`), the
+    data and the adapters."""
     pipelines: tuple[str, ...]  # model_index.json "_class_name" values of the family's folders
-    lora_formats: tuple[str, ...] = ("kohya", "diffusers")
+    lora_formats: tuple[str, ...] = ("kohya", "diffusers")  # [export] lora_format choices
     video_size_multiple: int = 0  # video families: sides are multiples of it; 0: an image family
     display_name: str = ""
     text_encoder_kind: str = ""  # video families: the frozen text encoder, for messages
+    base_model_version: str = ""  # the LoRA metadata's ss_base_model_version
+    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction")  # the objectives it trains
+    frame_step: int = 0  # video families: clips are frame_step * k + 1 frames; 0: an image family
+
+    @property
+    def is_video(self) -> bool:
+        return self.frame_step > 0
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """A text-encoder LoRA is possible (the video families' T5 / UMT5 stays frozen)."""
+        return not self.is_video
 
 
+# the video VAEs compress time 4x after the first frame; sides: VAE 8x spatial x transformer patch 2
+_VIDEO = {"video_size_multiple": 16, "frame_step": 4}
 FAMILIES = {
-    "sd15": FamilyFacts(("StableDiffusionPipeline",), display_name="SD1.5"),
-    "sdxl": FamilyFacts(("StableDiffusionXLPipeline",), display_name="SDXL"),
+    "sd15": FamilyFacts(("StableDiffusionPipeline",), display_name="SD1.5",
+                        base_model_version="sd_v1"),
+    "sdxl": FamilyFacts(("StableDiffusionXLPipeline",), display_name="SDXL",
+                        base_model_version="sdxl_base_v1-0"),
     # CogVideoXPipeline loads diffusers keys transformer.<path>.lora_A.weight
-    "cogvideox": FamilyFacts(("CogVideoXPipeline",), ("diffusers",), 16, "CogVideoX", "T5"),
-    # VAE 8x spatial compression x transformer patch 2; "kohya" is refused at config time
-    "wan": FamilyFacts(("WanPipeline",), ("wan", "musubi"), 16, "Wan", "UMT5"),
+    "cogvideox": FamilyFacts(("CogVideoXPipeline",), ("diffusers",), display_name="CogVideoX",
+                             text_encoder_kind="T5", base_model_version="cogvideox",
+                             prediction_types=("v_prediction",), **_VIDEO),
+    # "kohya" is refused at config time
+    "wan": FamilyFacts(("WanPipeline",), ("wan", "musubi"), display_name="Wan",
+                       text_encoder_kind="UMT5", base_model_version="wan2.1",
+                       prediction_types=("flow",), **_VIDEO),
 }
 
 
-def check_num_frames(num_frames: int, where: str = "num_frames") -> int:
-    """``num_frames`` must be 4k+1 (1, 5, 9, ..., 49, 81); ValueError (one line) otherwise."""
-    if num_frames < 1 or (num_frames - 1) % 4:
-        lower = max(1, (num_frames - 1) // 4 * 4 + 1)
-        raise ValueError(f"{where}: num_frames must be 4k+1 (e.g. {lower} or {lower + 4}), "
-                         f"got {num_frames}")
+@dataclass(frozen=True)
+class NamedModel:
+    """A model a preset names instead of a path (``pretrained_model_name_or_path``), registered by
+    its owner (the toy world: "toy")."""
+    family: str
+    folder: Path  # its diffusers folder
+    # (base samples, tuned samples, prompts) -> extra eval.json fields (None: none)
+    evaluation_stats: Callable[[list, list, list[str]], dict] | None = None
+
+
+_NAMED_MODELS: dict[str, NamedModel] = {}
+
+
+def register_named_model(name: str, model: NamedModel) -> None:
+    if _NAMED_MODELS.get(name, model) != model:
+        raise ValueError(f"model name '{name}' is already registered")
+    _NAMED_MODELS[name] = model
+
+
+def named_model(name: str) -> NamedModel | None:
+    """The registered model ``name`` stands for (None: ``name`` is a path)."""
+    load_registrations()
+    return _NAMED_MODELS.get(name)
+
+
+def check_num_frames(num_frames: int, where: str = "num_frames", frame_step: int = 4) -> int:
+    """``num_frames`` must be frame_step * k + 1 (4k+1: 1, 5, 9, ..., 49, 81); ValueError (one
+    line) otherwise."""
+    if num_frames < 1 or (num_frames - 1) % frame_step:
+        lower = max(1, (num_frames - 1) // frame_step * frame_step + 1)
+        raise ValueError(f"{where}: num_frames must be {frame_step}k+1 (e.g. {lower} or "
+                         f"{lower + frame_step}), got {num_frames}")
     return num_frames
 
 
@@ -61,57 +115,6 @@ def check_musubi_targets(target_modules) -> None:
         raise ValueError(
             f"lora_format 'musubi' needs LoRA on every block's attention and FFN: add "
             f"{', '.join(repr(m) for m in missing)} to network_target_modules (or use lora_format 'wan')")
-
-
-def check_video_config(config, where: str | None = None) -> None:
-    """A family's [data] video settings: 4k+1 frames, a size its adapter accepts, fps >= 0; and
-    [model] base_weights_dtype. Image families must leave ``num_frames = 0``."""
-    facts = FAMILIES[config.model.family]
-    where = where or config.source
-    d = config.data
-    if config.model.base_weights_dtype not in BASE_WEIGHTS_DTYPES:
-        raise ValueError(f"{where}: base_weights_dtype must be one of "
-                         f"{', '.join(map(repr, BASE_WEIGHTS_DTYPES))}, "
-                         f"got {config.model.base_weights_dtype!r}")
-    if not facts.video_size_multiple:
-        if d.num_frames:
-            raise ValueError(f"{where}: num_frames is for video families (cogvideox, wan); "
-                             f"set num_frames = 0 for {config.model.family}")
-        return
-    check_num_frames(d.num_frames, where)
-    if d.frame_fps < 0:
-        raise ValueError(f"{where}: frame_fps must be >= 0 (0: the source's own frames), "
-                         f"got {d.frame_fps}")
-    check_video_size(d.video_height, d.video_width, facts.video_size_multiple,
-                     config.model.family, where)
-
-
-def check_family_config(config) -> None:
-    """Family-specific settings, checked before anything loads (ValueError, one line)."""
-    facts = FAMILIES[config.model.family]
-    if config.model.family == "sdxl" and config.model.clip_skip == 1:
-        # SDXL reads hidden states without the final layer norm: clip_skip 1 has no meaning
-        raise ValueError("clip_skip = 1: SDXL conditions on the penultimate layer (clip_skip 2, "
-                         "the default); use 0, 2 or more")
-    if not facts.video_size_multiple:
-        return
-    if config.network.train_text_encoder:
-        raise ValueError(f"train_text_encoder is not supported for {facts.display_name} (the "
-                         f"{facts.text_encoder_kind} encoder stays frozen); set it to false")
-    image_only = {"network_weights": config.network.network_weights,
-                  "conv_dim": config.network.conv_dim, "use_dora": config.network.use_dora,
-                  "clip_skip": config.model.clip_skip}
-    used = [key for key, value in image_only.items() if value]
-    if used:
-        raise ValueError(f"{', '.join(used)}: SD1.5 / SDXL settings, not supported for "
-                         f"{facts.display_name}; remove them from the preset")
-    if config.model.family != "wan":
-        return
-    if config.network.finetune == "full" and config.model.base_weights_dtype:
-        raise ValueError("base_weights_dtype stores the frozen base weights in low precision, but "
-                         "finetune = \"full\" trains them; set base_weights_dtype = \"\"")
-    if config.export.lora_format == "musubi":
-        check_musubi_targets(config.network.network_target_modules)
 
 
 def folder_pipeline_class(model_path: str | Path) -> str | None:

@@ -17,17 +17,17 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
+from .families import FAMILIES, named_model
 from .lora_start import fresh_lora_config, inject_from_file
 from .peft_lora import TRAINED_ADAPTER, inject_lora, lora_config, set_active_lora
 from .single_file import SINGLE_FILE_SUFFIXES, load_single_file
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """'toy' is the bundled toy pipeline; anything else is a local path."""
-    if name_or_path == "toy":
-        from ..toy.pipeline import TOY_MODEL_DIR
-        return Path(TOY_MODEL_DIR)
-    return Path(name_or_path)
+    """A registered model name (`families.named_model`, e.g. the toy world's 'toy') is its folder;
+    anything else is a local path."""
+    named = named_model(name_or_path)
+    return named.folder if named is not None else Path(name_or_path)
 
 
 def load_pipeline_components(name_or_path: str, model_config: str, *, pipeline_cls,
@@ -73,7 +73,7 @@ def check_clip_skip(clip_skip: int, text_encoder) -> None:
 class SD15Adapter(ModelAdapter):
     """SD1.x: epsilon or v-prediction U-Net on VAE latents, CLIP text conditioning."""
 
-    base_model_version = "sd_v1"
+    base_model_version = FAMILIES["sd15"].base_model_version
     modelspec_architecture = "stable-diffusion-v1/lora"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)  # each gets the LoRA when trained
     load_components = staticmethod(load_sd15_components)  # (name_or_path, model_config) -> dict

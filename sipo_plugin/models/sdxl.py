@@ -14,6 +14,7 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLP
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import Conditioning, register_model_family
+from .families import FAMILIES
 from .sd15 import SD15Adapter, load_pipeline_components
 
 SIZE_KEYS = ("original_sizes", "crop_top_lefts", "target_sizes")
@@ -60,7 +61,7 @@ def batch_time_ids(batch, vae_scale_factor: int) -> torch.Tensor:
 class SDXLAdapter(SD15Adapter):
     """SDXL base (epsilon) or v-prediction fine-tunes: two CLIP encoders and size conditioning."""
 
-    base_model_version = "sdxl_base_v1-0"
+    base_model_version = FAMILIES["sdxl"].base_model_version
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     load_components = staticmethod(load_sdxl_components)

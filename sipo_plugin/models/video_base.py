@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 from .base import ModelAdapter
+from .families import FAMILIES, FamilyFacts
 from .peft_lora import inject_lora, lora_config
 
 # [model] base_weights_dtype -> storage dtype of the frozen transformer weights ("": as loaded)
@@ -59,16 +60,23 @@ def offload_text_encoder(text_encoder: torch.nn.Module, device: torch.device, *,
 class VideoTransformerAdapter(ModelAdapter):
     """A video transformer (the denoiser, carrying the LoRA) + a frozen text encoder + a VAE."""
 
-    is_video = True
-    video_size_multiple = 16  # VAE 8x spatial compression x transformer patch 2
     denoiser_name = "transformer"
     frozen_encoder_names = ("text_encoder",)
-    display_name = ""  # the family in messages ("CogVideoX", "Wan")
-    text_encoder_kind = ""  # the frozen text encoder in messages ("T5", "UMT5")
     group_offload_note = ""  # a warning logged when group offloading is on (empty: none)
     # (name_or_path, weight_dtype) -> components dict: tokenizer, text_encoder, transformer, vae,
     # scheduler (+ family extras)
     load_components: Callable[[str, torch.dtype], dict]
+
+    @property
+    def facts(self) -> FamilyFacts:
+        """The family's declaration (frame count, size multiple, display name, LoRA formats)."""
+        return FAMILIES[self.family]
+
+    is_video = True
+    video_size_multiple = property(lambda self: self.facts.video_size_multiple)
+    frame_step = property(lambda self: self.facts.frame_step)  # clips are frame_step * k + 1 frames
+    display_name = property(lambda self: self.facts.display_name)
+    text_encoder_kind = property(lambda self: self.facts.text_encoder_kind)
 
     def __init__(self, components: dict, *, device: torch.device, weight_dtype: torch.dtype,
                  base_weights_dtype: str = "", group_offload: bool = False,

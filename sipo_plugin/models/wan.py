@@ -97,12 +97,10 @@ def load_wan_components(name_or_path: str, weight_dtype: torch.dtype = torch.flo
 class WanAdapter(VideoTransformerAdapter):
     """Wan2.1 T2V: rectified-flow transformer on normalized video latents, UMT5 text."""
 
-    base_model_version = "wan2.1"
+    base_model_version = FAMILIES["wan"].base_model_version
     modelspec_architecture = "wan2.1/lora"  # musubi-tuner's sai_model_spec ARCH_WAN + "/lora"
     prediction_type = "flow"
     lora_formats = FAMILIES["wan"].lora_formats  # [export] lora_format
-    display_name = "Wan"
-    text_encoder_kind = "UMT5"
     group_offload_note = ("group_offload: the UMT5 text encoder runs leaf by leaf from CPU memory; "
                           "the trained transformer stays on the GPU (use base_weights_dtype and "
                           "gradient_checkpointing for it)")

@@ -2,17 +2,21 @@
 
     prompts.txt     one prompt a line (blank lines and lines starting with '#' are skipped)
     prompts.jsonl   {"prompt": "...", "negative_prompt": "..."} a line (negative_prompt optional)
-    "toy"           the toy world's 54 prompts (sipo_plugin/toy/domain.py)
+    a name          a registered prompt set (`register_prompt_set`; the toy world's "toy": its
+                    54 prompts, sipo_plugin/toy/domain.py)
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-TOY_PROMPTS = "toy"
+from ..utils.plugins import load_registrations
+
+_PROMPT_SETS: dict[str, Callable[[], list[str]]] = {}
 
 
 class PromptFileError(ValueError):
@@ -25,11 +29,24 @@ class PromptEntry:
     negative_prompt: str = ""
 
 
+def register_prompt_set(name: str, prompts: Callable[[], list[str]]) -> None:
+    """``name`` (in pairs_prompts / eval_prompts) stands for the prompts ``prompts()`` returns."""
+    if _PROMPT_SETS.get(name, prompts) is not prompts:
+        raise ValueError(f"prompt set '{name}' is already registered")
+    _PROMPT_SETS[name] = prompts
+
+
+def prompt_set(name: str) -> Callable[[], list[str]] | None:
+    """The registered prompt set ``name`` stands for (None: ``name`` is a file)."""
+    load_registrations()
+    return _PROMPT_SETS.get(name)
+
+
 def read_prompts(source: str | os.PathLike) -> list[PromptEntry]:
-    """Every prompt of a .txt / .jsonl file (or the toy world's, for "toy"), in file order."""
-    if str(source) == TOY_PROMPTS:
-        from ..toy.domain import all_prompts
-        return [PromptEntry(p) for p in all_prompts()]
+    """Every prompt of a .txt / .jsonl file (or of a registered prompt set), in file order."""
+    named = prompt_set(str(source))
+    if named is not None:
+        return [PromptEntry(p) for p in named()]
     path = Path(source)
     if not path.is_file():
         raise PromptFileError(f"{path}: prompt file not found (a .txt with one prompt a line, "

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-TOY_MODEL_DIR = Path(__file__).resolve().parent / "model"
+from .registration import TOY_MODEL_DIR
+
 DEFAULT_GUIDANCE = 2.0
 DEFAULT_STEPS = 20
 

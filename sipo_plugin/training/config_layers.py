@@ -1,6 +1,6 @@
 """The layers of a run's settings besides the preset: the command line's tokens, an sd-scripts
 ``--config_file`` and an sd-scripts dataset config (`sipo_plugin.sdscripts`), folded into the raw
-sectioned dict that `config.load_config` validates. Import-light (no torch).
+sectioned dict that `config.parse_config` reads. Import-light (no torch).
 
 Order (later wins): this project's defaults < sd-scripts' defaults (with a config file) < preset
 < config file < command line < the dataset config's per-run settings (as in sd-scripts, where the
@@ -9,14 +9,18 @@ dataset config comes first in the fallback chain).
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import math
 from pathlib import Path
 from typing import Any
 
-from ..sdscripts.config_file import SD_SCRIPTS_VALUES, SdScriptsError, translate
-from .config import (SECTIONS, Config, ConfigError, OPTIMIZER_TYPES, _check_type, _closest,
-                     _key_index, _objective_hyperparameter_names, _parse_override_value,
-                     _section_fields, tomllib)
+from ..sdscripts.config_file import (SD_SCRIPTS_DEFAULTS, SD_SCRIPTS_VALUES, SdScriptsError,
+                                     read_config_file, translate)
+from ..sdscripts.dataset_config import read_dataset_config
+from .config_parsing import (check_type, closest, field_default, key_index,
+                             objective_hyperparameter_names, parse_override_value, section_class,
+                             section_fields, tomllib)
+from .config_schema import OPTIMIZER_TYPES, SECTIONS, ConfigError
 
 
 class _Bare:
@@ -36,9 +40,9 @@ def split_command_line(tokens: list[str]) -> list[tuple[str, str, Any]]:
         name, has_value, text = token[2:].partition("=")
         key = name if "." in name else name.replace("-", "_")
         if has_value:
-            value, i = _parse_override_value(text), i + 1
+            value, i = parse_override_value(text), i + 1
         elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            value, i = _parse_override_value(tokens[i + 1]), i + 2
+            value, i = parse_override_value(tokens[i + 1]), i + 2
         else:
             value, i = BARE, i + 1
         out.append((f"--{name}", key, value))
@@ -50,7 +54,7 @@ def resolve_key(key: str, index: dict, objective_keys: set) -> tuple[str, str] |
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"command line: unknown section '{section}'{_closest(section, SECTIONS)}")
+            raise ConfigError(f"command line: unknown section '{section}'{closest(section, SECTIONS)}")
         return section, name
     if key == "objective":
         return "objective", "name"
@@ -66,17 +70,15 @@ def place(raw: dict, mapped: dict, index: dict, objective_keys: set, where: str)
     for key, value in mapped.items():
         section, name = resolve_key(key, index, objective_keys)
         if section != "objective":
-            f = _section_fields(section)[name]
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            value = _check_type(where, name, value, default)
+            value = check_type(where, name, value, field_default(section_fields(section)[name]))
         raw[section][name] = value
 
 
 def fold_command_line(raw: dict, overrides: list[str], unused: list[str]) -> dict:
     """Command-line options into the raw preset dict (see `config.apply_overrides`)."""
     raw = {section: dict(raw.get(section, {})) for section in {*SECTIONS, *raw}}
-    index = _key_index()
-    objective_keys = _objective_hyperparameter_names()
+    index = key_index()
+    objective_keys = objective_hyperparameter_names()
     for token, key, value in split_command_line(overrides):
         resolved = resolve_key(key, index, objective_keys)
         if resolved is not None and value is BARE:
@@ -98,22 +100,20 @@ def fold_command_line(raw: dict, overrides: list[str], unused: list[str]) -> dic
 
 
 def _section_defaults(section: str):
-    return Config.__dataclass_fields__[section].default_factory()
+    return section_class(section)()
 
 
 def with_config_file(raw: dict, path: str | Path, unused: list[str]) -> dict:
     """sd-scripts' ``--config_file`` on top of the preset (sections cosmetic, keys translated,
     sd-scripts' defaults where it differs from ours); a file in this project's own sectioned
     layout (what --output_config writes) is read as a preset."""
-    from ..sdscripts.config_file import (SD_SCRIPTS_DEFAULTS, SdScriptsError, read_config_file,
-                                         translate)
     own = _read_own_layout(path)
     raw = {section: dict(raw.get(section, {})) for section in {*SECTIONS, *raw}}
     if own is not None:
         for section, values in own.items():
             raw[section].update(values)
         return raw
-    index, objective_keys = _key_index(), _objective_hyperparameter_names()
+    index, objective_keys = key_index(), objective_hyperparameter_names()
     try:
         mapped, extra = translate(read_config_file(path), str(path), [*index, *objective_keys],
                                   optimizer_types=OPTIMIZER_TYPES)
@@ -145,21 +145,17 @@ def with_dataset_config(raw: dict, unused: list[str]) -> dict:
     train_data = raw.get("data", {}).get("train_data", "")
     if not (isinstance(train_data, str) and train_data.lower().endswith(".toml")):
         return raw
-    from ..sdscripts.config_file import SdScriptsError
-    from ..sdscripts.dataset_config import read_dataset_config
     try:
         dataset = read_dataset_config(train_data)
     except SdScriptsError as err:
         raise ConfigError(str(err)) from None
-    place(raw, dataset.settings, _key_index(), set(), str(train_data))
+    place(raw, dataset.settings, key_index(), set(), str(train_data))
     unused.extend(f"{key} (dataset_config)" for key in dataset.unused)
     return raw
 
 
 def _toml_value(value: Any) -> str:
     """One TOML value: bool, int, float (inf/nan as TOML spells them), str, or a list of them."""
-    import json
-    import math
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and not math.isfinite(value):
