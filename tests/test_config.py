@@ -268,3 +268,14 @@ def test_the_toy_reaches_the_config_only_through_registries(manifest):
     with pytest.raises(ConfigError, match="pairs_prompts = 'four-prompts': prompt file not found"):
         load_config(None, ["--train_data", str(manifest), "--pairs_prompts", "four-prompts",
                            "--rewards", '["colour"]'])
+
+
+def test_sections_on_their_own_are_type_checked_and_the_family_known(tmp_path):
+    """`sipo-pairs sample --preset`: [model], [sampling], [training] without the run's rules (no
+    pair data yet), the family checked by the same rule as a run's."""
+    from sipo_plugin.training.config import load_sections
+    preset = write(tmp_path, '[model]\nfamily = "sd16"\n[data]\ntrain_data = "/nowhere"\n')
+    with pytest.raises(ConfigError, match=r"unknown model family 'sd16'.*did you mean 'sd15'"):
+        load_sections(preset, ("model", "sampling"))
+    preset.write_text('[model]\nfamily = "sdxl"\n[data]\ntrain_data = "/nowhere"\n')
+    assert load_sections(preset, ("model", "sampling"))["model"].family == "sdxl"

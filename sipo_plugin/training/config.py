@@ -21,7 +21,6 @@ from .config_schema import (OPTIMIZER_TYPES, REFERENCE_MODES, SAVE_PRECISIONS,  
                             SECTIONS, SEED_MAX, TRACKERS, Config, ConfigError, DataConfig,
                             EvaluateConfig, ExportConfig, ModelConfig, NetworkConfig,
                             ObjectiveConfig, PairsConfig, SamplingConfig, TrainingConfig)
-from ..models.families import FAMILIES
 
 _key_index = key_index  # the name the tests and older callers use
 
@@ -113,7 +112,4 @@ def load_sections(preset: str | Path, sections: tuple[str, ...]) -> dict:
     rules (a step such as `sipo-pairs sample` needs the model before any pair data exists)."""
     raw = read_preset(preset)
     out = {s: build_section(s, raw.get(s, {}), str(preset)) for s in sections}
-    if "model" in out and out["model"].family not in FAMILIES:
-        raise ConfigError(f"{preset}: unknown model family '{out['model'].family}'; available: "
-                          f"{', '.join(sorted(FAMILIES))}")
-    return out
+    return checks.check_sections(out, str(preset))

@@ -47,6 +47,14 @@ def check_config(config: Config) -> Config:
         raise ConfigError(f"{config.source}: {err}") from None
 
 
+def check_sections(sections: dict, where: str) -> dict:
+    """The rules some sections need on their own (`config.load_sections`: `sipo-pairs sample`
+    reads [model], [sampling] and [training] before any pair data exists): a known family."""
+    if "model" in sections:
+        family.known_family(sections["model"].family, where)
+    return sections
+
+
 def startup_problems(config: Config, *, deep: bool = False) -> list[str]:
     """Every problem of the model folder and the data (``deep``: decode every image too)."""
     return model_family_problems(config) + data_problems(config, deep=deep)

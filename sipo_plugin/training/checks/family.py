@@ -10,11 +10,16 @@ from ..config_parsing import closest
 from ..config_schema import Config, ConfigError
 
 
-def family(config: Config) -> None:
-    where, name = config.source, config.model.family
+def known_family(name: str, where: str) -> None:
+    """``name`` is a declared family (ConfigError naming the closest and every one)."""
     if name not in FAMILIES:
         raise ConfigError(f"{where}: unknown model family '{name}'; available: "
                           f"{', '.join(sorted(FAMILIES))}{closest(name, FAMILIES)}")
+
+
+def family(config: Config) -> None:
+    where = config.source
+    known_family(config.model.family, where)
     try:
         family_settings(config)
     except ValueError as err:
