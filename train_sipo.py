@@ -9,6 +9,7 @@
     python train_sipo.py --preset P --analyze    # importance weights, mask, gradient per timestep
     python train_sipo.py --config_file sd_scripts.toml [--dataset_config pairs.toml]  # sd-scripts'
     python train_sipo.py --preset P --evaluate   # base vs base + LoRA, scored by the rewards
+    python train_sipo.py --preset P --estimate [--vram 8 12 24]   # memory per part, no weights read
 
 Any preset key can be overridden: --learning_rate 5e-5, --learning_rate=5e-5, --training.max_train_steps
 200, --objective dpo-cm, --beta 2500 (an objective hyper-parameter), --cache_latents (a bare flag is
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of training: sample the base model and the base with a LoRA "
                         "(eval_network_weights, else the run's export) with the same seeds, score "
                         "every reward ([evaluate]) into <output_dir>/eval.json and a grid PNG")
+    parser.add_argument("--estimate", action="store_true",
+                        help="instead of training: the memory the run needs (weights per module "
+                        "and dtype, trained parameters, gradients, optimizer states, reference, "
+                        "caches, activations by pairs and resolution) from the model's configs on "
+                        "the meta device (no weights read; without the model: the family's "
+                        "published architecture); exact but for the activations (calibrated)")
+    parser.add_argument("--vram", type=float, nargs="+", default=[], metavar="GB",
+                        help="with --estimate: say whether the run fits in these GPU sizes (GiB), "
+                        "e.g. --vram 8 12 24")
     parser.add_argument("--analysis-pairs", type=int, default=64, help="pairs analysed (--analyze)")
     parser.add_argument("--analysis-buckets", type=int, default=10,
                         help="timestep buckets over the schedule (--analyze)")
@@ -122,6 +132,20 @@ def check(config, *, deep: bool) -> int:
     return 0
 
 
+def estimate(args, overrides: list[str]) -> int:
+    """--estimate: the memory report; a preset whose model or data is not on this machine is
+    estimated all the same (the model's published architecture), other problems stop it."""
+    from sipo_plugin.estimate import EstimateError, config_for_estimate, estimate_report
+    from sipo_plugin.training.config import ConfigError
+    try:
+        config, notes = config_for_estimate(args.preset, overrides, args.config_file)
+        print(estimate_report(config, args.vram, notes))
+    except (ConfigError, EstimateError) as err:
+        print_errors(getattr(err, "problems", [str(err)]))
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     if args.list_objectives:
@@ -134,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print_rewards()
         return 0
     from sipo_plugin.training.config import ConfigError, load_config
+    if args.estimate:
+        return estimate(args, overrides)
     try:
         if args.output_config:
             return write_output_config(args, overrides)
