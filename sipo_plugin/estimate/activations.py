@@ -137,6 +137,6 @@ def _count(forward, excluded: set) -> int:
 
 
 def activation_bytes(saved: int, calibration: dict | None = None) -> int:
-    """slope * S + intercept (bytes), never below S."""
+    """slope * S + intercept (bytes; ``CALIBRATION`` unless given)."""
     c = calibration or CALIBRATION
-    return max(saved, int(c["slope"] * saved + c["intercept_bytes"]))
+    return max(0, int(c["slope"] * saved + c["intercept_bytes"]))

@@ -153,9 +153,11 @@ def meta_conditioning(unet, images: int) -> dict:
     return cond
 
 
-def activation_table(config, adapter, resolutions: list[int]) -> dict:
+def activation_table(config, adapter, resolutions: list[int], calibration: dict | None = None
+                     ) -> dict:
     """(pairs, resolution, checkpointing) -> bytes, from one meta forward of one pair per
-    resolution (saved activations scale with the images: S(B pairs) = B * S(1 pair))."""
+    resolution (saved activations scale with the images: S(B pairs) = B * S(1 pair));
+    ``calibration`` {"slope": 1, "intercept_bytes": 0} gives the saved bytes themselves."""
     compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.training.mixed_precision)
     unet = adapter.denoiser
     if compute is not None:  # autocast computes in half precision: count its activations so
@@ -174,8 +176,9 @@ def activation_table(config, adapter, resolutions: list[int]) -> dict:
 
         saved = saved_activation_bytes(forward, modules, unet)
         for pairs in sorted({1, batch, 2 * batch}):
-            table[(pairs, resolution, False)] = activation_bytes(pairs * saved.plain)
-            table[(pairs, resolution, True)] = activation_bytes(pairs * saved.checkpointed)
+            table[(pairs, resolution, False)] = activation_bytes(pairs * saved.plain, calibration)
+            table[(pairs, resolution, True)] = activation_bytes(pairs * saved.checkpointed,
+                                                                calibration)
     return table
 
 
@@ -192,7 +195,8 @@ def count_pairs(config) -> int | None:
         return None
 
 
-def estimate(config, resolutions: list[int] | None = None) -> Estimate:
+def estimate(config, resolutions: list[int] | None = None, calibration: dict | None = None
+             ) -> Estimate:
     """The memory estimate of ``config`` (a validated Config, or Config.unchecked when only its
     model or data paths are missing)."""
     from ..training.memory import optimizer_kwargs
@@ -224,7 +228,7 @@ def estimate(config, resolutions: list[int] | None = None) -> Estimate:
     result = Estimate(source=source, trained_params=sum(p.numel for p in shapes), parts=parts,
                       pairs=t.train_batch_size, resolution=d.resolution,
                       checkpointing=t.gradient_checkpointing,
-                      activations=activation_table(config, adapter, resolutions))
+                      activations=activation_table(config, adapter, resolutions, calibration))
     if optimizer != t.optimizer_type:
         result.notes.append(f"{t.optimizer_type} needs bitsandbytes (not installed): counted as "
                             "torch AdamW, as the run would fall back")
