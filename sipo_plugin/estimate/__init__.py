@@ -10,24 +10,23 @@ from .build import EstimateError
 
 
 def config_for_estimate(preset, overrides: list[str], config_file=None):
-    """(Config, notes): the validated preset; when its only problems are paths that do not exist
+    """(Config, notes): the checked preset; when its only problems are paths that do not exist
     here (the model folder, the pair data), the preset as written, with those problems as notes:
     the estimate reads neither."""
-    from ..training import config as config_module
+    from ..training import checks
+    from ..training.config import ConfigError, parse_config
+    parsed = parse_config(preset, overrides, config_file=config_file)
+    problems = checks.config_problems(parsed)
+    if not problems:
+        return checks.check_config(parsed), []
     try:
-        return config_module.load_config(preset, overrides, config_file=config_file), []
-    except config_module.ConfigError as err:
-        unchecked = getattr(err, "config", None)
-        if unchecked is None:
-            raise
-        try:
-            config_module._validate_paths(unchecked)
-            missing: list[str] = []
-        except config_module.ConfigError as paths:
-            missing = paths.problems
-        if not missing or any(p not in missing for p in err.problems):
-            raise
-        return unchecked, missing
+        checks.files.paths(parsed)
+        missing: list[str] = []
+    except ConfigError as err:
+        missing = err.problems
+    if any(p not in missing for p in problems):
+        raise ConfigError(problems)
+    return parsed, missing
 
 
 def estimate_report(config, vram: list[float], notes: list[str] = ()) -> str:
