@@ -7,7 +7,7 @@ Names load from their modules on first use: the readers and image checks need no
 
 from __future__ import annotations
 
-import importlib
+from ..utils.lazy import lazy_getattr, module_of_names
 
 _EXPORTS = {
     "augment": ("Draw", "PairAugmentation"),
@@ -23,13 +23,6 @@ _EXPORTS = {
     "sampler": ("BucketBatchSampler", "PairBatchSampler"),
     "sources": ("ImageReader", "ImageSource"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+_MODULE_OF = module_of_names(_EXPORTS)
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _MODULE_OF, globals())

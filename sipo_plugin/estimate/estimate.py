@@ -162,7 +162,7 @@ def activation_table(config, adapter, resolutions: list[int], calibration: dict 
     unet = adapter.denoiser
     if compute is not None:  # autocast computes in half precision: count its activations so
         unet.to(compute)
-    modules = [m for m in (adapter.unet, getattr(adapter, "text_encoder", None)) if m is not None]
+    modules = [m for m in (adapter.denoiser, getattr(adapter, "text_encoder", None)) if m is not None]
     batch = config.training.train_batch_size
     table = {}
     for resolution in resolutions:

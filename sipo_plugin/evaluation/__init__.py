@@ -5,20 +5,13 @@ reward_gain, reward_se, win_rate, n_samples) and a labelled grid PNG; `RewardCur
 current LoRA's mean reward during training (``evaluate_every_n_steps``).
 """
 
-
 from __future__ import annotations
 
-import importlib
+from ..utils.lazy import lazy_getattr
 
 # loaded on first use: `checks` (config validation, --check) must not import torch
 _MODULE_OF = {"evaluate_run": "evaluate", "paired_stats": "evaluate", "split_holdout": "holdout",
               "training_records": "holdout"}
 __all__ = sorted(_MODULE_OF)
 
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _MODULE_OF, globals())

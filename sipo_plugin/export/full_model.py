@@ -13,6 +13,9 @@ import json
 import os
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from ..utils.io import atomic_folder
 
 METADATA_FILE = "sipo_training.json"
@@ -21,8 +24,6 @@ METADATA_FILE = "sipo_training.json"
 def cast_saved_weights(folder: Path, dtype) -> None:
     """Every floating-point tensor of the safetensors files in ``folder`` stored in ``dtype``
     (one file in memory at a time; the live model keeps its own precision)."""
-    import torch
-    from safetensors.torch import load_file, save_file
     for file in sorted(folder.glob("*.safetensors")):
         tensors = load_file(file)
         save_file({k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in tensors.items()},

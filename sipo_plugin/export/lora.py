@@ -12,14 +12,14 @@ import torch
 from ..utils.io import save_safetensors_atomic
 from .diffusers_format import DIFFUSERS_WEIGHT_NAME, peft_to_diffusers
 from .kohya import peft_to_kohya
-from .metadata import NETWORK_MODULE, stringify_metadata, with_hashes
+from .metadata import base_lora_metadata, stringify_metadata, with_hashes
 from .peft_state import check_alphas, lora_state_of, split_peft_state_dict
 
 LORA_FORMATS = ("kohya", "diffusers")
 LoraSource = torch.nn.Module | Mapping[str, torch.Tensor]
 
 
-def _state_and_alphas(
+def state_and_alphas(
     source: LoraSource, network_alpha: float | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A PEFT-injected module or a get_peft_model_state_dict dict -> (state dict, module alphas)."""
@@ -52,12 +52,23 @@ def _output_file(path: Path, format: str) -> Path:
     return path if path.suffix == ".safetensors" else path / DIFFUSERS_WEIGHT_NAME
 
 
-def _base_metadata(ranks: Counter, network_alpha: float | None) -> dict[str, str]:
-    """What sd-scripts writes even with --no_metadata: module, dim (most common rank), alpha."""
-    out = {"ss_network_module": NETWORK_MODULE, "ss_network_dim": str(ranks.most_common(1)[0][0])}
-    if network_alpha is not None:
-        out["ss_network_alpha"] = str(network_alpha)
-    return out
+def safetensors_file(path: str | os.PathLike) -> Path:
+    """``path`` as a .safetensors file: the suffix is appended to a path without it."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], ranks: Counter, *,
+                   network_alpha: float | None, metadata: Mapping[str, object] | None,
+                   save_dtype: torch.dtype | None, hashes: bool) -> Path:
+    """Write a LoRA file atomically: tensors in ``save_dtype`` (None: as they are), the base
+    ``ss_*`` keys and ``metadata``; with ``hashes`` (the sd-scripts layouts) the ``sshs_*``
+    hashes, else diffusers' ``format: pt``."""
+    if save_dtype is not None:
+        tensors = {k: v.to(save_dtype) for k, v in tensors.items()}
+    meta = {**base_lora_metadata(ranks, network_alpha), **stringify_metadata(metadata)}
+    meta = with_hashes(tensors, meta) if hashes else {"format": "pt", **meta}
+    return save_safetensors_atomic(tensors, path, meta)
 
 
 def export_lora(
@@ -97,7 +108,7 @@ def export_lora(
     tensors: dict[str, torch.Tensor] = {}
     ranks: Counter = Counter()
     for kohya_prefix, component, source in parts:
-        state, alphas = _state_and_alphas(source, network_alpha)
+        state, alphas = state_and_alphas(source, network_alpha)
         ranks.update(pair.rank for pair in split_peft_state_dict(state).values())
         if format == "kohya":
             if component == "unet" and unet_module_name is not None:
@@ -105,11 +116,6 @@ def export_lora(
             tensors.update(peft_to_kohya(state, prefix=kohya_prefix, alpha=alphas))
         else:
             tensors.update(peft_to_diffusers(state, prefix=component, alpha=alphas))
-    if save_dtype is not None:
-        tensors = {k: v.to(save_dtype) for k, v in tensors.items()}
-    meta = {**_base_metadata(ranks, network_alpha), **stringify_metadata(metadata)}
-    if format == "kohya":
-        meta = with_hashes(tensors, meta)
-    else:
-        meta = {"format": "pt", **meta}
-    return save_safetensors_atomic(tensors, _output_file(Path(path), format), meta)
+    return save_lora_file(_output_file(Path(path), format), tensors, ranks,
+                          network_alpha=network_alpha, metadata=metadata, save_dtype=save_dtype,
+                          hashes=format == "kohya")

@@ -211,7 +211,7 @@ class LoraModule:
 
 def load_lora_modules(path: Path) -> dict[str, dict[str, LoraModule]]:
     """{component: {module name: LoraModule}} of a LoRA file (validated by `summarize_lora_file`)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # here: the header readers above serve --check without torch
     summary = summarize_lora_file(path)
     parts: dict[tuple[str, str], dict] = {}
     for key, tensor in load_file(path).items():

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import safetensors.torch
@@ -43,6 +44,14 @@ def stringify_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
             raise TypeError(f"metadata keys must be strings, got {key!r}")
         if value is not None:
             out[key] = metadata_value(value)
+    return out
+
+
+def base_lora_metadata(ranks: Counter, network_alpha: float | None) -> dict[str, str]:
+    """What sd-scripts writes even with --no_metadata: module, dim (most common rank), alpha."""
+    out = {"ss_network_module": NETWORK_MODULE, "ss_network_dim": str(ranks.most_common(1)[0][0])}
+    if network_alpha is not None:
+        out["ss_network_alpha"] = str(network_alpha)
     return out
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 _PEFT_KEY = re.compile(
     r"^(?P<module>.+)\.(lora_(?P<which>[AB])\.weight|(?P<magnitude>lora_magnitude_vector)(\.weight)?)$")
@@ -113,8 +114,6 @@ def lora_state_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     The effective alpha is ``scaling * r`` (what an sd-scripts loader needs to reproduce the scale:
     alpha / r), so rsLoRA and per-module alpha_pattern export correctly.
     """
-    from peft.tuners.lora import LoraLayer
-
     state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for name, layer in _unwrap(model).named_modules():

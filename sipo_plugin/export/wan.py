@@ -24,11 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.families import MUSUBI_REQUIRED_TARGETS, check_musubi_targets  # noqa: F401
-from ..utils.io import save_safetensors_atomic
-from .lora import _base_metadata
-from .metadata import stringify_metadata, with_hashes
-from .peft_state import alpha_for, check_alphas, lora_state_of, split_peft_state_dict
+from .lora import save_lora_file, state_and_alphas
+from .peft_state import alpha_for, split_peft_state_dict
 
 WAN_LORA_FORMATS = ("wan", "musubi")
 WAN_PREFIX = "diffusion_model."
@@ -142,17 +139,8 @@ def export_wan_lora(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"Wan LoRA path must end with .safetensors, got {path}")
-    if isinstance(transformer, torch.nn.Module):
-        state, alphas = lora_state_of(transformer)
-        alphas = check_alphas(alphas, network_alpha)
-    else:
-        if network_alpha is None:
-            raise ValueError("network_alpha is required when exporting a LoRA state dict")
-        state, alphas = dict(transformer), float(network_alpha)
+    state, alphas = state_and_alphas(transformer, network_alpha)
     tensors = peft_to_wan(state, alphas) if format == "wan" else peft_to_musubi(state, alphas)
-    if save_dtype is not None:
-        tensors = {k: v.to(save_dtype) for k, v in tensors.items()}
     ranks = Counter(pair.rank for pair in split_peft_state_dict(state).values())
-    meta = {**_base_metadata(ranks, network_alpha), **stringify_metadata(metadata)}
-    meta = with_hashes(tensors, meta)
-    return save_safetensors_atomic(tensors, path, meta)
+    return save_lora_file(path, tensors, ranks, network_alpha=network_alpha, metadata=metadata,
+                          save_dtype=save_dtype, hashes=True)

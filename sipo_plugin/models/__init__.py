@@ -6,14 +6,9 @@ config checks need to know about each family) imports neither.
 
 from __future__ import annotations
 
+from ..utils.lazy import lazy_getattr
+
 __all__ = ["ModelAdapter", "NoisyBatch", "available_model_families", "get_model_adapter",
            "register_model_family"]
 
-
-def __getattr__(name: str):
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import base
-    base.load_builtin_families()
-    globals().update({key: getattr(base, key) for key in __all__})
-    return globals()[name]
+__getattr__ = lazy_getattr(__name__, dict.fromkeys(__all__, "base"), globals())

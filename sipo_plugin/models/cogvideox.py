@@ -20,8 +20,6 @@ text_encoder/, transformer/, vae/, scheduler/), e.g. THUDM/CogVideoX-2b or CogVi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
                        CogVideoXTransformer3DModel)
@@ -31,7 +29,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 from .families import FAMILIES
 from .base import Conditioning, Generators, NoisyBatch, register_model_family
-from .video_base import VideoTransformerAdapter, pipeline_folder, safetensors_file
+from .video_base import VideoTransformerAdapter, pipeline_folder
 
 
 def load_cogvideox_components(name_or_path: str, dtype: torch.dtype = torch.float32) -> dict:
@@ -89,10 +87,6 @@ class CogVideoXAdapter(VideoTransformerAdapter):
         for module in (self.transformer, self.text_encoder):
             if module.dtype != weight_dtype:
                 module.to(dtype=weight_dtype)
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -153,33 +147,3 @@ class CogVideoXAdapter(VideoTransformerAdapter):
         c, spatial = self.transformer.config, 2 ** (len(self.vae.config.block_out_channels) - 1)
         return {"num_frames": self.sample_num_frames, "height": c.sample_height * spatial,
                 "width": c.sample_width * spatial}
-
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
-                    save_dtype: torch.dtype | None = None):
-        """``transformer.<path>.lora_A/B.weight`` (alpha / rank folded into B) in one .safetensors
-        file ('.safetensors' is appended to a path without it); ``load_lora_weights`` reads it."""
-        if lora_format not in self.lora_formats:
-            raise ValueError(f"lora_format '{lora_format}' is not a CogVideoX LoRA format; use "
-                             "'diffusers'")
-        return export_cogvideox_lora(path, self.transformer, network_alpha=network_alpha,
-                                     metadata=metadata, save_dtype=save_dtype)
-
-
-def export_cogvideox_lora(path, transformer: torch.nn.Module, *, network_alpha: float | None,
-                          metadata: dict | None = None,
-                          save_dtype: torch.dtype | None = None) -> Path:
-    """The transformer's PEFT LoRA as diffusers keys ``transformer.<module>.lora_A.weight``."""
-    from collections import Counter
-
-    from ..export.diffusers_format import peft_to_diffusers
-    from ..export.lora import _base_metadata
-    from ..export.metadata import stringify_metadata
-    from ..export.peft_state import check_alphas, lora_state_of, split_peft_state_dict
-    from ..utils.io import save_safetensors_atomic
-    state, alphas = lora_state_of(transformer)
-    tensors = peft_to_diffusers(state, prefix="transformer", alpha=check_alphas(alphas, network_alpha))
-    if save_dtype is not None:
-        tensors = {k: v.to(save_dtype) for k, v in tensors.items()}
-    ranks = Counter(pair.rank for pair in split_peft_state_dict(state).values())
-    meta = {"format": "pt", **_base_metadata(ranks, network_alpha), **stringify_metadata(metadata)}
-    return save_safetensors_atomic(tensors, safetensors_file(path), meta)

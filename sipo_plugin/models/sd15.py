@@ -16,6 +16,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
                        UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..export.lora_file import network_weights_file
 from .base import Conditioning, Generators, ModelAdapter, NoisyBatch, register_model_family
 from .families import FAMILIES, named_model
 from .lora_start import fresh_lora_config, inject_from_file
@@ -114,10 +115,6 @@ class SD15Adapter(ModelAdapter):
     def trains_text_encoder(self) -> bool:
         return self._train_text_encoder
 
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
     def kohya_unet_namer(self):
         """U-Net module path -> the name sd-scripts files use (None: the path itself)."""
         return None
@@ -126,7 +123,6 @@ class SD15Adapter(ModelAdapter):
         """A fresh LoRA (LoCon with conv_dim, DoRA with use_dora), or the LoRA of network_weights
         (plus its frozen copy as the reference adapter when ``reference_adapter`` is set)."""
         if network.network_weights:
-            from ..export.lora_file import network_weights_file
             models = {"unet": self.unet, **{n: getattr(self, n) for n in self.text_encoder_names}}
             adapters = (TRAINED_ADAPTER, *([self.reference_adapter] if self.reference_adapter else []))
             found = inject_from_file(models, network_weights_file(network.network_weights),
@@ -215,10 +211,7 @@ class SD15Adapter(ModelAdapter):
                                        safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
 
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
-                    save_dtype: torch.dtype | None = None):
-        from ..export import export_lora
-        return export_lora(path, unet=self.unet,
-                           text_encoder=self.text_encoder if self._train_text_encoder else None,
-                           network_alpha=network_alpha, format=lora_format, metadata=metadata,
-                           save_dtype=save_dtype)
+    def lora_components(self) -> dict[str, torch.nn.Module]:
+        """The U-Net, and the text encoders when they train."""
+        encoders = self.text_encoder_names if self._train_text_encoder else ()
+        return {"unet": self.unet, **{name: getattr(self, name) for name in encoders}}

@@ -13,6 +13,7 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLP
                        UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..export.sgm_names import sgm_module_namer
 from .base import Conditioning, register_model_family
 from .families import FAMILIES
 from .sd15 import SD15Adapter, load_pipeline_components
@@ -115,14 +116,4 @@ class SDXLAdapter(SD15Adapter):
 
     def kohya_unet_namer(self):
         """sd-scripts names SDXL's U-Net modules with the original SGM block names."""
-        from ..export import sgm_module_namer
         return sgm_module_namer(self.unet.config)
-
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
-                    save_dtype: torch.dtype | None = None):
-        from ..export import export_lora
-        text_encoders = ({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
-                         if self._train_text_encoder else {})
-        return export_lora(path, unet=self.unet, **text_encoders, network_alpha=network_alpha,
-                           format=lora_format, metadata=metadata, save_dtype=save_dtype,
-                           unet_module_name=self.kohya_unet_namer())

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from diffusers.loaders.single_file_utils import fetch_diffusers_config
+from safetensors import safe_open
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -27,9 +31,6 @@ def config_repo_for(path: Path) -> str | None:
     None when it cannot tell (.ckpt, or an unexpected layout)."""
     if path.suffix != ".safetensors":
         return None
-    import torch
-    from diffusers.loaders.single_file_utils import fetch_diffusers_config
-    from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
             shapes = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}

@@ -36,12 +36,6 @@ def pipeline_folder(name_or_path: str | os.PathLike, family: str) -> Path:
     return path
 
 
-def safetensors_file(path: str | os.PathLike) -> Path:
-    """``path`` as a .safetensors file: the suffix is appended to a path without it."""
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
 def offload_text_encoder(text_encoder: torch.nn.Module, device: torch.device, *,
                          use_stream: bool) -> None:
     """diffusers group offloading of a frozen text encoder (T5, UMT5), leaf by leaf: its weights
@@ -52,7 +46,7 @@ def offload_text_encoder(text_encoder: torch.nn.Module, device: torch.device, *,
     back to the CPU right after its forward, which breaks the backward pass of the trained
     transformer ("Expected all tensors to be on the same device", bghira/SimpleTuner#1975).
     """
-    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks import apply_group_offloading  # only when group offloading is asked for
     apply_group_offloading(text_encoder, onload_device=device, offload_device=torch.device("cpu"),
                            offload_type="leaf_level", use_stream=use_stream)
 
@@ -153,3 +147,5 @@ class VideoTransformerAdapter(ModelAdapter):
     def trainable_modules(self) -> list[torch.nn.Module]:
         return [self.transformer]
 
+    def lora_components(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer}

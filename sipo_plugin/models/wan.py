@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from .families import FAMILIES
 from .base import Conditioning, Generators, NoisyBatch, per_pair, register_model_family
 from .video_base import (VideoTransformerAdapter, offload_text_encoder,  # noqa: F401  (re-exported)
-                         pipeline_folder, safetensors_file)
+                         pipeline_folder)
 
 WAN_TEXT_LENGTH = 512  # WanPipeline's default max_sequence_length (the original Wan text_len)
 
@@ -172,14 +172,3 @@ class WanAdapter(VideoTransformerAdapter):
     def sampling_kwargs(self) -> dict:
         """Sample clips during training: 33 frames (2 s at 16 fps) at Wan2.1's 480p size."""
         return {"num_frames": 33, "height": 480, "width": 832}
-
-    def export_lora(self, path, *, lora_format: str, network_alpha: float, metadata: dict,
-                    save_dtype: torch.dtype | None = None):
-        """One .safetensors file ('.safetensors' is appended to a path without it)."""
-        from ..export.wan import export_wan_lora
-        if lora_format not in self.lora_formats:
-            raise ValueError(f"lora_format '{lora_format}' is not a Wan LoRA format; use 'wan' or "
-                             "'musubi'")
-        return export_wan_lora(safetensors_file(path), transformer=self.transformer,
-                               network_alpha=network_alpha, format=lora_format, metadata=metadata,
-                               save_dtype=save_dtype)

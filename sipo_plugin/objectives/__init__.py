@@ -11,6 +11,8 @@ Built-ins: ``diffusion-dpo``, ``dpo-cm``, ``sipo``, ``sipo-1427``, ``sft``; more
 
 from __future__ import annotations
 
+from ..utils.lazy import lazy_getattr
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "DPOCMConfig",
@@ -27,7 +29,6 @@ __all__ = [
     "available_objectives",
     "calibrate_kappa",
     "describe_objectives",
-    "first_kept_timestep",
     "diffusion_dpo_loss",
     "first_kept_timestep",
     "dpo_cm_loss",
@@ -45,12 +46,6 @@ __all__ = [
     "step_log_weight",
 ]
 
-
-def __getattr__(name: str):
-    """The API loads (torch, the loss code, the built-ins' registration) on first use, so the
-    torch-free parts (``configs``, ``catalog``, ``validation``) serve config parsing and --check."""
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import _api
-    globals().update({key: getattr(_api, key) for key in __all__})
-    return globals()[name]
+# the API loads (torch, the loss code, the built-ins' registration) on first use, so the
+# torch-free parts (``configs``, ``catalog``, ``validation``) serve config parsing and --check
+__getattr__ = lazy_getattr(__name__, dict.fromkeys(__all__, "_api"), globals())

@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "sample K candidates per prompt from your model (images or clips + latents)"),
     "score": ("score", "score every candidate with reward models into DIR/scores.jsonl"),
     "label": ("label.command", "label pairs by eye in the browser (a local page, keyboard first)"),
-    "make": ("make", "preference pairs (a JSONL manifest) from scored candidates"),
+    "make": ("make_command", "preference pairs (a JSONL manifest) from scored candidates"),
 }
 
 

@@ -1,4 +1,5 @@
-"""``sipo-pairs make``: preference pairs from scored candidates of the same prompt.
+"""Preference pairs from scored candidates of the same prompt (``sipo-pairs make``, whose command
+line is make_command.py).
 
 The rewards combine into one score per candidate (`sipo_plugin.rewards.combine_scores`: the
 weighted sum of per-reward z-scores over the whole candidate set), so a margin is in units of
@@ -17,11 +18,9 @@ candidates have saved latents. A histogram of the margins is written beside it.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from ..data.errors import PairDataError
 from ..utils.io import atomic_write_bytes, atomic_write_text
-from .candidates import Candidate, CandidatesError, read_candidates
+from .candidates import Candidate, read_candidates
 from .score import ScoresError, load_scores
 
 STRATEGIES = ("best_worst", "all")
@@ -228,50 +227,3 @@ def make_manifest(folder: str | os.PathLike, out: str | os.PathLike, *,
     atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
     write_margin_histogram(counts, min_margin, histogram_path(out))
     return counts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--candidates", required=True, metavar="DIR",
-                        help="the candidates folder, scored (`sipo-pairs score`)")
-    parser.add_argument("--out", required=True, metavar="FILE",
-                        help="the pair manifest to write (.jsonl); its margin histogram is "
-                        "written beside it as <name>.margins.png")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="best_worst",
-                        help="best_worst: one pair per prompt (default); all: every pair of "
-                        "candidates of a prompt whose margin clears --min_margin")
-    parser.add_argument("--min_margin", type=float, default=0.0,
-                        help="drop pairs whose combined-score margin (in reward standard "
-                        "deviations) is below this (default 0: only ties are dropped)")
-    parser.add_argument("--reward_weight", action="append", default=[], metavar="NAME=W",
-                        help="weight of a scored reward in the combined z-score (repeatable); "
-                        "without it every scored reward counts with weight 1")
-    # --from-labels: issue 14 (sipo_plugin.pairs.label.export)
-    parser.add_argument("--from-labels", "--from_labels", dest="from_labels", action="store_true",
-                        help="pairs from hand labels (DIR/labels.jsonl, `sipo-pairs label`); "
-                        "with reward scores too, labels win and unlabelled prompts use the scores")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.from_labels:
-        return _run_from_labels(args)
-    try:
-        counts = make_manifest(args.candidates, args.out, strategy=args.strategy,
-                               min_margin=args.min_margin, weights=parse_weights(args.reward_weight))
-    except (CandidatesError, ScoresError, PairDataError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{counts.summary()}: {args.out} (margins: {histogram_path(Path(args.out))})")
-    return 0
-
-
-def _run_from_labels(args: argparse.Namespace) -> int:
-    from .label.export import write_label_manifest
-    try:
-        summary = write_label_manifest(args.candidates, args.out, strategy=args.strategy,
-                                       min_margin=args.min_margin,
-                                       weights=parse_weights(args.reward_weight))
-    except (CandidatesError, ScoresError, PairDataError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{summary}: {args.out}")
-    return 0

@@ -8,12 +8,11 @@ Light imports only here (numpy, Pillow); the torch / diffusers parts load on fir
 
 from __future__ import annotations
 
-import importlib
-
 from .domain import all_prompts, parse_prompt, render
 from .evaluate import eval_set, evaluate, save_grid
 from .fidelity import fidelity
 from .rewards import available_rewards, get_reward
+from ..utils.lazy import lazy_getattr
 
 _LAZY = {
     "TOY_MODEL_DIR": "pipeline",
@@ -29,8 +28,4 @@ __all__ = [
     "available_rewards", "get_reward", *_LAZY,
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

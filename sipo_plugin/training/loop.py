@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from .stopping import nonfinite_loss_message, nonfinite_weight, remove_stale_tem
 from .sampling import save_samples
 from .run_folder import folder_run_id
 from .saving import save_training_state, start_run
+from .result import TrainResult, lora_state  # noqa: F401  (lora_state: re-exported)
 from ..data.saved_latents import use_saved_latents
 from ..evaluation.holdout import training_records
 from ..evaluation.hooks import TrainingEvaluation
@@ -49,21 +50,6 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainResult:
-    adapter: ModelAdapter
-    objective: object
-    accelerator: Accelerator
-    steps: int
-    num_pairs: int
-    started_at: float
-    metrics_log: Path
-    last_metrics: dict = field(default_factory=dict)
-    optimizer: str = "torch.optim.AdamW"
-    reference: object = None  # the live reference (training/reference.py); None when cached
-    run_id: str = ""  # carried by the run's checkpoints and LoRA files (training/run_folder.py)
 
 
 def use_cpu(training) -> bool:
@@ -306,14 +292,6 @@ def timestep_share(first: int, total: int) -> float:
     """The share of timesteps drawn, ``(T - t_0) / T``: the loss scale that keeps its
     expectation when the skipped timesteps are masked (objectives.first_kept_timestep)."""
     return (total - first) / total
-
-
-def lora_state(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
-    """The trainable tensors of every trainable module, by a stable name: the LoRA, or for full
-    fine-tuning every U-Net weight."""
-    return {f"{i}.{name}": p.detach().cpu().clone()
-            for i, module in enumerate(adapter.trainable_modules())
-            for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> None:

@@ -12,7 +12,10 @@ from tqdm.auto import tqdm
 
 from .checkpoint import prune_checkpoints, save_checkpoint
 from .config import Config
+from .exporting import export
+from .memory import optimizer_name
 from .resume import check_resume
+from .result import TrainResult, lora_state
 from .run_folder import METRICS_FILE, claim_output_dir, prune_step_loras, step_lora_name
 
 
@@ -63,9 +66,6 @@ def save_training_state(config: Config, step: int, adapter, objective, optimizer
                         run: RunIdentity) -> Path:
     """Checkpoint ``step`` (see checkpoint.py) and, for a LoRA, <output_name>-<step:06d> in the
     run's LoRA format (sd-scripts' every-N-steps name); then prune this run's older ones."""
-    from .loop import TrainResult, lora_state
-    from .memory import optimizer_name
-    from .run import export
     t = config.training
     path = save_checkpoint(t.output_dir, step, trained=lora_state(adapter),
                            optimizer_state=optimizer.state_dict(), info={

@@ -19,10 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sipo_plugin.data.errors import PairDataError
+from sipo_plugin.pairs import make
 from sipo_plugin.pairs.candidates import Candidate, read_candidates
 from sipo_plugin.pairs.label.schedule import SKIP, best_and_worst, pair_key, plan_prompt
 from sipo_plugin.pairs.label.session import decisions_of, group_by_prompt
 from sipo_plugin.pairs.label.store import LABELS_FILE, LabelsError, read_labels
+from sipo_plugin.pairs.score import SCORES_FILE, load_scores
+from sipo_plugin.utils.io import atomic_write_text
 
 STRATEGIES = ("best_worst", "all")
 
@@ -102,11 +106,6 @@ def write_label_manifest(folder: str | os.PathLike, out: str | os.PathLike, *,
                          weights: Mapping[str, float] | None = None) -> str:
     """Write the pair manifest `out` from labels, over reward scores when DIR has them (see the
     module docstring); atomically. Returns the summary line."""
-    from sipo_plugin.data.errors import PairDataError
-    from sipo_plugin.pairs import make
-    from sipo_plugin.pairs.score import SCORES_FILE, load_scores
-    from sipo_plugin.utils.io import atomic_write_text
-
     folder, out = Path(folder), Path(out)
     if not (folder / LABELS_FILE).is_file():
         raise LabelsError(f"{folder / LABELS_FILE}: no labels; run `sipo-pairs label "
