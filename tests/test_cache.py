@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from sipo_plugin.data import read_pairs
-from sipo_plugin.data.cache import (LATENT_STREAM, PromptCache, build_data_cache, collate_cached,
-                                    stack_pair_rows)
+from sipo_plugin.data import Draw, read_pairs
+from sipo_plugin.data.cache import PromptCache, collate_cached, pair_slots, stack_pair_rows
 from sipo_plugin.objectives import get_objective
 from sipo_plugin.training.config import ConfigError
 from sipo_plugin.training.loop import (PairDraws, lora_state, make_dataloader, seeded_generator,
                                        train, train_step)
+from sipo_plugin.training.precompute import LATENT_STREAM, encode_caches
 from test_training import Log, load_adapter, short_run
 
 
@@ -24,9 +24,9 @@ def test_latent_cache_holds_the_seeded_posterior_sample_and_is_reused_on_disk(ma
     adapter = load_adapter(config)
     loader = make_dataloader(config, records, total=1)
     log = Log()
-    cache = build_data_cache(config, adapter, records, loader, tmp_path, log)
+    cache = encode_caches(config, adapter, records, tmp_path, log)
     assert any("vae, text_encoder moved to the CPU" in line for line in log.lines)
-    batch = loader.collate_fn([loader.dataset[3]])
+    batch = loader.collate_fn([loader.dataset[Draw(3, 0)]])
     generators = [seeded_generator(config.training.seed, LATENT_STREAM, 3, side) for side in (0, 1)]
     expected = adapter.encode_images(batch.pixel_values, generators)
     assert torch.equal(cache.latents[3]["latents"], expected)
@@ -40,9 +40,33 @@ def test_latent_cache_holds_the_seeded_posterior_sample_and_is_reused_on_disk(ma
     # a second run reuses every file; an image that changed gets its pair re-encoded
     os.utime(records[0].chosen, ns=(1, 1))
     log = Log()
-    build_data_cache(config, adapter, records, loader, tmp_path, log)
+    encode_caches(config, adapter, records, tmp_path, log)
     assert any(f"({len(records) - 1} reused)" in line for line in log.lines)
     assert [f for f in files if f.stat().st_mtime_ns != stamps[f]] == [files[0]]
+
+
+def test_a_repeated_pair_is_encoded_and_stored_once(manifest, tmp_path):
+    # sd-scripts' num_repeats = 3 lists each pair of a subset three times (data/readers.py)
+    config = short_run(manifest, tmp_path, "--cache_latents_to_disk", "true")
+    distinct = read_pairs(manifest)
+    n, records = len(distinct), distinct * 3
+    adapter = load_adapter(config)
+    encoded, encode = [], adapter.encode_images
+
+    def counting_encode(pixels, generators):
+        encoded.append(pixels.shape[0])
+        return encode(pixels, generators)
+
+    adapter.encode_images = counting_encode
+    cache = encode_caches(config, adapter, records, tmp_path, Log())
+    assert encoded == [2] * n  # one winner + loser encode per distinct pair
+    assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == n
+    assert pair_slots(records) == list(range(n)) * 3
+    for i in range(n):
+        assert torch.equal(cache.latents[i]["latents"], cache.latents[i + 2 * n]["latents"])
+    assert not torch.equal(cache.latents[0]["latents"], cache.latents[1]["latents"])
+    batch = next(iter(make_dataloader(config, records, total=1, stores=cache)))
+    assert batch.latents.shape[0] == 2 * config.training.train_batch_size
 
 
 def test_cached_batches_have_latents_and_cond_in_the_pair_layout_for_any_latent_rank():
@@ -124,10 +148,9 @@ def test_caption_dropout_with_cached_outputs_encodes_the_empty_prompt(manifest, 
                        "--cache_latents", "true", "--caption_dropout_rate", "0.5")
     records = read_pairs(manifest)
     adapter = load_adapter(config)
-    cache = build_data_cache(config, adapter, records, make_dataloader(config, records, total=1),
-                             tmp_path, Log())
+    cache = encode_caches(config, adapter, records, tmp_path, Log())
     assert "" in cache.prompts.rows
-    loader = cache.wrap(make_dataloader(config, records, total=8))
+    loader = make_dataloader(config, records, total=8, stores=cache)
     dropped = sum(bool((b.cond["encoder_hidden_states"] ==
                         cache.prompts.rows[""]["encoder_hidden_states"]).flatten(1).all(1).any())
                   for b in loader)
@@ -143,10 +166,9 @@ def test_sdxl_cached_batches_keep_the_size_ids_and_train_full_with_a_cached_refe
     config = load_config_sdxl(model_dir, make_pairs(tmp_path / "pairs"), tmp_path / "run")
     records = read_pairs(config.data.train_data)
     adapter = load_adapter(config)
-    cache = build_data_cache(config, adapter, records, make_dataloader(config, records, total=1),
-                             tmp_path, Log())
+    cache = encode_caches(config, adapter, records, tmp_path, Log())
     live = next(iter(make_dataloader(config, records, total=1)))
-    cached = next(iter(cache.wrap(make_dataloader(config, records, total=1))))
+    cached = next(iter(make_dataloader(config, records, total=1, stores=cache)))
     assert torch.equal(live.indices, cached.indices)
     assert live.extras.keys() == cached.extras.keys() == {"original_sizes", "crop_top_lefts",
                                                           "target_sizes"}
@@ -205,7 +227,7 @@ def test_released_encoders_leave_the_device_and_come_back_for_sampling():
 
 def test_latent_and_reference_caches_share_one_rule_for_the_data_settings(manifest, tmp_path):
     from sipo_plugin.data.cache import data_settings
-    from sipo_plugin.training.reference import reference_settings
+    from sipo_plugin.training.precompute import reference_settings
     base = short_run(manifest, tmp_path, "--cache_latents", "true", "--reference", "cached")
     # caching and loader options do not change what a pair encodes to: the caches stay valid
     moved = short_run(manifest, tmp_path, "--cache_latents_to_disk", "true", "--reference", "cached",

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_sipo
-from sipo_plugin.data import PairDataError, collate_pairs, read_pairs
+from sipo_plugin.data import Draw, PairDataError, collate_pairs, read_pairs
 from sipo_plugin.data.video import (VideoPairDataset, check_num_frames, load_video, save_clip,
                                     select_frames)
 from sipo_plugin.models.cogvideox import CogVideoXAdapter, rotary_embeddings
@@ -132,7 +132,7 @@ def test_video_manifest_gives_winner_first_clip_batches(manifest):
     records = read_pairs(manifest)  # frame folders pass the manifest's path check
     assert [r.chosen.name for r in records] == ["w0.mp4", "w1.mp4", "w2.mp4", "w_frames"]
     dataset = VideoPairDataset(records, num_frames=5, frame_fps=8, height=16, width=32)
-    items = [dataset[i] for i in (0, 3)]
+    items = [dataset[Draw(i, 0)] for i in (0, 3)]
     batch = collate_pairs(items)
     assert batch.pixel_values.shape == (4, 3, 5, 16, 32)
     assert torch.equal(batch.pixel_values[1], items[1]["chosen"])

@@ -11,14 +11,17 @@ import torch
 from PIL import Image
 
 from sipo_plugin.data import (
+    Draw,
     PairDataError,
     PairDataset,
     PairRecord,
     collate_pairs,
     load_image,
+    pair_loader,
     read_pairs,
     split_pair,
 )
+from sipo_plugin.data.sampler import fixed_batches
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0,) * 3
 
@@ -198,7 +201,7 @@ def test_corrupt_image_named_at_load_time(tmp_path):
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     records = read_pairs(root)  # read time only checks that the files exist
     raises_one_line([corrupt, "cannot decode"], load_image, corrupt, 8)
-    raises_one_line([corrupt], PairDataset(records, 8).__getitem__, 0)
+    raises_one_line([corrupt], PairDataset(records, 8).__getitem__, Draw(0, 0))
     truncated = root / "w" / "a.png"
     truncated.write_bytes(truncated.read_bytes()[:40])
     raises_one_line([truncated], load_image, truncated, 8)
@@ -208,7 +211,7 @@ def test_image_deleted_after_reading(tmp_path):
     root = make_folder(tmp_path, names=("a",))
     records = read_pairs(root)
     records[0].chosen.unlink()
-    raises_one_line([records[0].chosen, "not found"], PairDataset(records, 8).__getitem__, 0)
+    raises_one_line([records[0].chosen, "not found"], PairDataset(records, 8).__getitem__, Draw(0, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def test_collate_winners_first(tmp_path):
     records = [PairRecord(r.prompt, r.chosen, r.rejected, w)
                for r, w in zip(manifest_rows, (1.0, 2.0, 0.5))]
     dataset = PairDataset(records, 8)
-    batch = collate_pairs([dataset[i] for i in range(3)])
+    batch = collate_pairs([dataset[Draw(i, 0)] for i in range(3)])
     assert batch.pixel_values.shape == (6, 3, 8, 8)
     assert batch.prompts == ["a", "b", "c"]
     assert batch.weights.dtype == torch.float32
@@ -260,7 +263,7 @@ def test_collate_winners_first(tmp_path):
         assert torch.allclose(x_w[i, :, 0, 0], win) and torch.allclose(x_l[i, :, 0, 0], lose)
         assert torch.equal(batch.pixel_values[i], x_w[i])
         assert torch.equal(batch.pixel_values[3 + i], x_l[i])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_pairs)
+    loader = pair_loader(dataset, fixed_batches(range(3), 2))
     first = next(iter(loader))
     assert first.pixel_values.shape == (4, 3, 8, 8) and len(first.prompts) == 2
     assert math.isclose(first.weights[1].item(), 2.0)

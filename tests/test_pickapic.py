@@ -15,6 +15,7 @@ from PIL import Image
 
 from sipo_plugin.data import (
     BucketSpec,
+    Draw,
     PairDataError,
     PairDataset,
     ParquetImage,
@@ -96,12 +97,12 @@ def test_pixels_follow_the_label(shards):
     dataset = PairDataset(records, 8)
     expected = [(GREEN, RED), (BLUE, RED), (BLUE, GREEN), (GREEN, RED), (BLUE, RED)]
     for i in [4, 0, 3, 1, 2]:  # out of order: the row-group cache is re-read as needed
-        item = dataset[i]
+        item = dataset[Draw(i, 0)]
         assert item["chosen"].shape == (3, 8, 8)
         win, lose = expected[i]
         assert color_of(item["rejected"]) == lose
         assert np.allclose(color_of(item["chosen"]), win, atol=3)  # JPEG: nearly exact
-    assert dataset[3]["original_size"] == ((12, 24), (16, 16))  # (h, w) of winner, loser
+    assert dataset[Draw(3, 0)]["original_size"] == ((12, 24), (16, 16))  # (h, w) of winner, loser
 
 
 def test_unlabelled_rows_counted(tmp_path):
@@ -121,10 +122,10 @@ def test_corrupt_bytes_name_shard_and_row(tmp_path):
     ])
     records = read_pairs(shard, log=None)  # read time touches labels and captions only
     dataset = PairDataset(records, 8)
-    dataset[0]
+    dataset[Draw(0, 0)]
     for index, problem in ((1, "cannot decode image"), (2, "no image bytes")):
         with pytest.raises(PairDataError) as info:
-            dataset[index]
+            dataset[Draw(index, 0)]
         message = str(info.value)
         assert "\n" not in message
         assert f"{shard} row {index} (jpg_1)" in message and problem in message

@@ -11,8 +11,10 @@ from sipo_plugin.data.cache import batch_conditioning, batch_latents
 from sipo_plugin.objectives import get_objective, per_sample_error
 from sipo_plugin.training.config import ConfigError, load_config
 from sipo_plugin.training.loop import lora_state, prepare_caches, train
-from sipo_plugin.training.reference import (REFERENCE_FILE, AdapterOffReference,
-                                            FrozenCopyReference, draw_index, pair_generators)
+from sipo_plugin.data.cache import draw_index
+from sipo_plugin.training.precompute import REFERENCE_FILE
+from sipo_plugin.training.reference import (AdapterOffReference, FrozenCopyReference,
+                                            pair_generators)
 from test_training import Log, load_adapter, short_run
 
 
@@ -64,10 +66,10 @@ def test_cached_reference_errors_equal_the_live_reference_for_the_same_draws(man
     adapter = load_adapter(config)
     adapter.add_trainable(config.network)
     from accelerate import Accelerator
-    data_cache = prepare_caches(config, adapter, list_records(config), Accelerator(cpu=True), Log())
+    stores = prepare_caches(config, adapter, list_records(config), Accelerator(cpu=True), Log())
     perturb_lora(adapter)  # training moved the policy; the reference must not move
     from sipo_plugin.training.loop import PairDraws, make_dataloader
-    loader = data_cache.wrap(make_dataloader(config, list_records(config), total=8))
+    loader = make_dataloader(config, list_records(config), total=8, stores=stores)
     objective = get_objective("diffusion-dpo")
     seen_draws = set()
     for position, batch in enumerate(loader):

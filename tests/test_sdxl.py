@@ -32,7 +32,7 @@ from transformers import CLIPTextModelWithProjection
 from sipo_plugin.data.batch import PairBatch
 from sipo_plugin.export import export_lora, sgm_block_prefixes, sgm_module_namer, sgm_unet_module_path
 from sipo_plugin.models import get_model_adapter
-from sipo_plugin.data import PairDataset, collate_pairs, read_pairs
+from sipo_plugin.data import Draw, PairDataset, collate_pairs, read_pairs
 from sipo_plugin.models.sdxl import SDXLAdapter, batch_time_ids, load_sdxl_components, sdxl_time_ids
 from sipo_plugin.training.config import ModelConfig, NetworkConfig, load_config
 from sipo_plugin.training.loop import train
@@ -151,7 +151,7 @@ def test_time_ids_of_a_collated_batch_are_the_images_sizes_and_crops(model_dir, 
     20x20 -> 16x16, no crop (hand-checked); the other rows are the batch's own values."""
     records = read_pairs(make_pairs(tmp_path / "pairs"))
     dataset = PairDataset(records, 16)
-    batch = collate_pairs([dataset[0], dataset[1], dataset[2]])
+    batch = collate_pairs([dataset[Draw(i, 0)] for i in range(3)])
     time_ids = load_adapter(model_dir).pair_conditioning({}, batch)["time_ids"]
     assert time_ids[:2].tolist() == [[16, 20, 0, 2, 16, 16], [20, 20, 0, 0, 16, 16]]
     assert torch.equal(time_ids[:3], time_ids[3:])  # the loser's images have the winner's sizes here

@@ -15,13 +15,14 @@ _EXPORTS = {
     "buckets": ("BucketSpec", "bucket_resolutions", "pair_bucket_hw", "select_bucket"),
     "errors": ("PairDataError",),
     "images": ("IMAGE_EXTENSIONS", "fit_to_size", "load_image"),
-    "loader": ("make_pair_loader", "pair_target_sizes"),
+    "loader": ("make_dataloader", "make_pair_loader", "pair_loader", "pair_target_sizes"),
     "pairs": ("PairDataset", "collate_pairs", "split_pair"),
-    "readers": ("PairRecord", "read_csv_manifest", "read_jsonl_manifest", "read_pair_folder",
+    "readers": ("read_csv_manifest", "read_jsonl_manifest", "read_pair_folder",
                 "read_pairs"),
-    "pickapic": ("ParquetImage", "read_pickapic"),
+    "pickapic": ("read_pickapic",),
+    "records": ("ImageSource", "PairRecord", "ParquetImage"),
     "sampler": ("BucketBatchSampler", "PairBatchSampler"),
-    "sources": ("ImageReader", "ImageSource"),
+    "sources": ("ImageReader",),
 }
 _MODULE_OF = module_of_names(_EXPORTS)
 __all__ = sorted(_MODULE_OF)

@@ -1,17 +1,14 @@
-"""Latent and text-encoder-output caches (sd-scripts' cache_latents / cache_text_encoder_outputs).
+"""The stores a run reads instead of computing: latents (sd-scripts' cache_latents), text-encoder
+outputs (cache_text_encoder_outputs) and reference errors (reference = "cached"), and the dataset
+and collate that read them. The passes that fill them run the model: training/precompute.py.
 
-Before training, both images of every pair are encoded once by the VAE and every distinct prompt
-once by the text encoders (plus "" when captions are dropped); the encoders can then leave the
-device. Batches from the cache carry ``latents`` ([2B, ...], winners first) instead of
-``pixel_values`` and ``cond`` (the adapter's Conditioning, [B, ...]) instead of ``prompts``, plus
-the data pipeline's other per-pair tensors (SDXL's size and crop ids). Nothing here assumes a
-latent rank: images give [C, H, W] per sample, video [C, F, H, W] or [F, C, H, W].
+Batches from the stores carry ``latents`` ([2B, ...], winners first) instead of ``pixel_values``
+and ``cond`` (the adapter's Conditioning, [B, ...]) instead of ``prompts``, plus the data
+pipeline's other per-pair tensors (SDXL's size and crop ids). Nothing here assumes a latent rank:
+images give [C, H, W] per sample, video [C, F, H, W] or [F, C, H, W].
 
-Trade-off: a cached latent is one VAE posterior sample per image for the whole run, drawn from a
-generator seeded by (seed, pair, side); live encoding draws a new sample at every visit. SD's
-posterior is narrow, and sd-scripts caches the same way. In memory the cache is rebuilt each run
-(deterministically); on disk (``cache_latents_to_disk``) it is one safetensors file per pair under
-``cache_dir/latents``, reused when the pair's images and the settings are unchanged.
+A latent store holds one entry per distinct pair (the same two images: sd-scripts' num_repeats
+lists a pair several times), in memory or as one safetensors file per distinct pair.
 """
 
 from __future__ import annotations
@@ -19,18 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
 
-from ..utils.io import save_safetensors_atomic
-from ..utils.seeding import seeded_generator
+from .augment import Draw
 from .batch import PairBatch
-
-LATENT_STREAM = -3  # generator key of the cached VAE posterior samples: (seed, LATENT_STREAM, i, side)
 
 
 def batch_latents(adapter, batch: PairBatch, generators) -> torch.Tensor:
@@ -76,54 +69,38 @@ def stack_pair_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(rows))
 
 
+def pair_slots(records) -> list[int]:
+    """Each pair's slot in a latent store: the index of the first pair with the same two images
+    (and saved latents), so a repeated pair is encoded and stored once."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault((str(r.chosen), str(r.rejected), str(r.chosen_latents or ""),
+                              str(r.rejected_latents or "")), i) for i, r in enumerate(records)]
+
+
 class LatentCache:
-    """Per pair i: ``latents`` [2, ...] (winner, loser) and ``extra.<key>`` tensors, in memory or
-    in ``folder/<i>.safetensors``."""
+    """Per slot (see `pair_slots`): ``latents`` [2, ...] (winner, loser) and ``extra.<key>``
+    tensors, in memory (``entries``) or in ``folder/<slot>.safetensors``; pair i reads its slot."""
 
-    def __init__(self, entries: dict[int, dict] | None = None, folder: Path | None = None):
-        self.entries, self.folder = entries, folder
+    def __init__(self, slots: list[int], entries: dict[int, dict] | None = None,
+                 folder: Path | None = None):
+        self.slots, self.entries, self.folder = slots, entries, folder
 
-    def file(self, index: int) -> Path:
-        return self.folder / f"{index:08d}.safetensors"
+    def file(self, slot: int) -> Path:
+        return self.folder / f"{slot:08d}.safetensors"
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        slot = self.slots[index]
         if self.entries is not None:
-            return self.entries[index]
-        with safe_open(self.file(index), framework="pt") as f:
+            return self.entries[slot]
+        with safe_open(self.file(slot), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    def has_valid_file(self, index: int, key: str) -> bool:
+    def has_valid_file(self, slot: int, key: str) -> bool:
         try:
-            with safe_open(self.file(index), framework="pt") as f:
+            with safe_open(self.file(slot), framework="pt") as f:
                 return (f.metadata() or {}).get("fingerprint") == key
         except Exception:  # missing, truncated or foreign: rebuild it
             return False
-
-
-@torch.no_grad()
-def build_latent_cache(adapter, dataset, collate: Callable, records, *, seed: int,
-                       folder: Path | None, settings: dict, log=None) -> LatentCache:
-    """Encode both images of every pair once (VAE posterior sample seeded by (seed, pair, side))."""
-    cache = LatentCache(entries=None if folder else {}, folder=folder)
-    reused = 0
-    for i, record in enumerate(records):
-        key = fingerprint([settings, seed, file_identity(record.chosen),
-                           file_identity(record.rejected), str(record.chosen_latents or "")])
-        if folder is not None and cache.has_valid_file(i, key):
-            reused += 1
-            continue
-        batch = collate([dataset[i]])
-        generators = [seeded_generator(seed, LATENT_STREAM, i, side) for side in (0, 1)]
-        entry = {"latents": batch_latents(adapter, batch, generators).cpu(),
-                 **{f"extra.{k}": v.cpu() for k, v in batch.extras.items()}}
-        if folder is None:
-            cache.entries[i] = entry
-        else:
-            save_safetensors_atomic(entry, cache.file(i), metadata={"fingerprint": key})
-    if log is not None:
-        where = f"in {folder}" if folder else "in memory"
-        log.info(f"cached latents of {len(records)} pairs {where} ({reused} reused)")
-    return cache
 
 
 class PromptCache:
@@ -142,60 +119,69 @@ class PromptCache:
         return {n: torch.cat([self.rows[p][n] for p in prompts]) for n in names}
 
 
-@torch.no_grad()
-def build_prompt_cache(adapter, prompts: Sequence[str], chunk: int = 32, log=None) -> PromptCache:
-    """Encode each distinct prompt once, ``chunk`` at a time."""
-    distinct = sorted(set(prompts))
-    rows: dict[str, dict[str, torch.Tensor]] = {}
-    for start in range(0, len(distinct), chunk):
-        part = distinct[start:start + chunk]
-        cond = adapter.encode_prompts(part)
-        for j, prompt in enumerate(part):
-            rows[prompt] = {n: v[j:j + 1].detach().cpu() for n, v in cond.items()}
-    if log is not None:
-        log.info(f"cached text-encoder outputs of {len(distinct)} distinct prompts")
-    return PromptCache(rows)
+def draw_index(pair: int, epoch: int, draws: int) -> int:
+    """Which of a pair's K cached draws epoch e uses: k = (e + pair) mod K (cycles every K epochs;
+    the pair offset spreads the draws of one batch)."""
+    return (epoch + pair) % draws
 
 
-class EpochTaggedBatches(torch.utils.data.Sampler):
-    """The wrapped batch sampler's batches as [(i, epoch), ...]: a sampler built ``with_epoch``
-    gives its own `Draw`s; bare indices get the epoch of their position in the run's stream
-    (``start`` / ``per_epoch``), a pure function of the position, so resumed runs tag alike."""
+@dataclass
+class CachedReferenceErrors:
+    """errors [N, K, 2] (winner, loser) and timesteps [N, K] of K draws for each of N pairs."""
 
-    def __init__(self, batch_sampler, num_pairs: int, batch_size: int):
-        self.inner = batch_sampler
-        self.start = getattr(batch_sampler, "start", 0)
-        self.per_epoch = getattr(batch_sampler, "per_epoch", max(1, num_pairs // batch_size))
+    errors: torch.Tensor
+    timesteps: torch.Tensor
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for n, indices in enumerate(self.inner):
-            epoch = (self.start + n) // self.per_epoch
-            yield [(int(i[0]), int(i[1])) if isinstance(i, tuple) else (int(i), epoch)
-                   for i in indices]
+    @property
+    def draws(self) -> int:
+        return self.errors.shape[1]
 
-    def __len__(self) -> int:
-        return len(self.inner)
+    def item(self, pair: int, epoch: int) -> dict[str, torch.Tensor]:
+        """What a dataset item carries: the draw index and its errors [2] (winner, loser)."""
+        k = draw_index(pair, epoch, self.draws)
+        return {"reference_draw": torch.tensor([k]), "reference_errors": self.errors[pair, k]}
+
+    def calibration_sample(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every cached draw as [2N] errors (winners first) and [2N] timesteps, per draw."""
+        errors = [torch.cat([self.errors[:, k, 0], self.errors[:, k, 1]]) for k in range(self.draws)]
+        timesteps = [torch.cat([self.timesteps[:, k]] * 2) for k in range(self.draws)]
+        return errors, timesteps
+
+
+@dataclass(frozen=True)
+class PairStores:
+    """What a run reads instead of computing; each None when the run does not cache it."""
+
+    latents: LatentCache | None = None
+    prompts: PromptCache | None = None
+    reference: CachedReferenceErrors | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        """Latents held in this process (a loader worker would copy them all)."""
+        return self.latents is not None and self.latents.folder is None
 
 
 class CachedPairDataset(torch.utils.data.Dataset):
-    """Items by (pair index, epoch): cached latents (or the data pipeline's decoded item), the
-    caption, and, with a cached reference, the pair's stored draw for that epoch."""
+    """Items by `Draw` (pair index, epoch): cached latents (or the data pipeline's decoded item),
+    the caption, and, with a cached reference, the pair's stored draw for that epoch."""
 
-    def __init__(self, base_dataset, records, latents: LatentCache | None, reference=None):
+    def __init__(self, base_dataset, records, latents: LatentCache | None,
+                 reference: CachedReferenceErrors | None = None):
         self.base, self.records = base_dataset, records
         self.latents, self.reference = latents, reference
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = key
-        # the data pipeline's per-(seed, epoch, pair) augmentation decisions, when it has them
-        augmentation = getattr(self.base, "augmentation", None)
+    def __getitem__(self, draw: Draw) -> dict:
+        index, epoch = draw
         if self.latents is None:
-            item = dict(self.base[key] if augmentation is not None else self.base[index])
+            item = dict(self.base[draw])
         else:
             record = self.records[index]
+            # the data pipeline's per-(seed, epoch, pair) augmentation decisions, when it has them
+            augmentation = getattr(self.base, "augmentation", None)
             drop_caption = augmentation is not None and augmentation.decide(epoch, index)[0]
             item = {"index": index, "prompt": "" if drop_caption else record.prompt,
                     "weight": record.weight, **self.latents[index]}
@@ -226,59 +212,3 @@ def collate_cached(items: Sequence[dict], *, base_collate: Callable,
     if prompts is not None:
         batch = replace(batch, cond=prompts.lookup(batch.prompts), prompts=None)
     return batch
-
-
-@dataclass
-class DataCache:
-    """What is cached for a run; ``wrap`` turns a data-pipeline loader into a cached one."""
-
-    records: list
-    latents: LatentCache | None
-    prompts: PromptCache | None
-    batch_size: int
-    reference: object = None  # training.reference.CachedReferenceErrors, set after the pre-pass
-
-    def dataset(self, loader) -> CachedPairDataset:
-        return CachedPairDataset(loader.dataset, self.records, self.latents, self.reference)
-
-    def wrap(self, loader) -> torch.utils.data.DataLoader:
-        """The loader's batches (same order, same sampler) read from the caches."""
-        return torch.utils.data.DataLoader(
-            self.dataset(loader),
-            batch_sampler=EpochTaggedBatches(loader.batch_sampler, len(self.records), self.batch_size),
-            collate_fn=partial(collate_cached, base_collate=loader.collate_fn, prompts=self.prompts),
-            # latents in memory need no workers (each would hold a copy of the cache)
-            num_workers=0 if self.latents is not None and self.latents.folder is None
-            else loader.num_workers)
-
-
-def cache_dir_of(config, output_dir: Path) -> Path:
-    """``cache_dir``, or ``<output_dir>/cache`` when it is empty."""
-    return Path(config.data.cache_dir) if config.data.cache_dir else Path(output_dir) / "cache"
-
-
-def build_data_cache(config, adapter, records, loader, output_dir: Path, log) -> DataCache | None:
-    """The run's caches per its [data] settings (None when nothing is cached), encoders released.
-
-    ``loader``: a loader of the data pipeline (its dataset and collate make the cached items)."""
-    d = config.data
-    cache_latents = d.cache_latents or d.cache_latents_to_disk
-    if not (cache_latents or d.cache_text_encoder_outputs):
-        return None
-    cache_dir = cache_dir_of(config, output_dir)
-    latents = None
-    if cache_latents:
-        settings = {"model": config.to_dict()["model"], "resolution": d.resolution,
-                    "data": data_settings(config)}
-        latents = build_latent_cache(adapter, loader.dataset, loader.collate_fn, records,
-                                     seed=config.training.seed, settings=settings, log=log,
-                                     folder=cache_dir / "latents" if d.cache_latents_to_disk else None)
-    prompts = None
-    if d.cache_text_encoder_outputs:
-        dropped = [""] if getattr(d, "caption_dropout_rate", 0.0) > 0 else []
-        prompts = build_prompt_cache(adapter, [r.prompt for r in records] + dropped, log=log)
-    released = adapter.release_encoders(vae=cache_latents,
-                                        text_encoders=d.cache_text_encoder_outputs)
-    if released:
-        log.info(f"outputs cached: {', '.join(released)} moved to the CPU")
-    return DataCache(records, latents, prompts, config.training.train_batch_size)

@@ -147,7 +147,7 @@ def resize_center_crop(img: Image.Image, resolution: int | tuple[int, int]) -> I
 
 def pil_to_tensor(img: Image.Image) -> "torch.Tensor":
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
-    import torch
+    import torch  # here, not at the top: --check decodes images without loading torch
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H, W, 3] uint8
     return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .augment import PairAugmentation
+from .augment import Draw, PairAugmentation
 from .batch import PairBatch
 from ..objectives.errors import split_pair  # noqa: F401  (the one helper for the layout)
 from .images import fit_to_size, pil_to_tensor
@@ -27,10 +27,9 @@ class PairDataset(torch.utils.data.Dataset):
     """Decodes a pair on access: dict(prompt, chosen [3,H,W], rejected [3,H,W], weight, index,
     original_size, crop_top_left, target_size).
 
-    The key is a pair index, or a `Draw` (index, epoch) from a sampler built ``with_epoch``; the
-    epoch feeds the augmentation decisions (a bare index counts as epoch 0). ``target_hw`` gives
-    each pair its own (h, w) training size (its bucket); without it every pair is ``resolution``.
-    Size entries are (winner, loser) tuples of (h, w) / (top, left), see `fit_to_size`.
+    The key is a `Draw` (index, epoch), as the samplers give it; the epoch feeds the augmentation
+    decisions. ``target_hw`` gives each pair its own (h, w) training size (its bucket); without it
+    every pair is ``resolution``. Size entries are (winner, loser) tuples of (h, w) / (top, left), see `fit_to_size`.
     """
 
     def __init__(self, records: Sequence[PairRecord], resolution: int | tuple[int, int], *,
@@ -47,8 +46,8 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key) -> dict:
-        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+    def __getitem__(self, draw: Draw) -> dict:
+        index, epoch = draw
         record = self.records[index]
         drop_caption, flip = self.augmentation.decide(epoch, index)
         size = self.resolution if self.target_hw is None else self.target_hw[index]

@@ -23,13 +23,13 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PairDataError
 from .images import image_size_from_bytes
+from .records import PairRecord, ParquetImage
 
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 REQUIRED_COLUMNS = (*IMAGE_COLUMNS, "label_0", "caption")
@@ -45,18 +45,6 @@ def _parquet(where: Path):
             f"{where}: reading Pick-a-Pic parquet needs pyarrow: {INSTALL_HINT}"
         ) from None
     return pq
-
-
-@dataclass(frozen=True)
-class ParquetImage:
-    """One image cell of a parquet shard: ``file`` row ``row`` (0-based, whole file), ``column``."""
-
-    file: Path
-    row: int
-    column: str
-
-    def __str__(self) -> str:
-        return f"{self.file} row {self.row} ({self.column})"
 
 
 def parquet_shards(path: str | os.PathLike) -> list[Path]:
@@ -76,10 +64,8 @@ def _check_columns(shard: Path, names: list[str]) -> None:
         )
 
 
-def _pair_or_none(shard: Path, row: int, label: object, caption: object):
+def _pair_or_none(shard: Path, row: int, label: object, caption: object) -> PairRecord | None:
     """The PairRecord of one row, or None for a tie / a row without a label."""
-    from .readers import PairRecord  # readers dispatches to this module
-
     if label is None or (isinstance(label, float) and math.isnan(label)) or label == 0.5:
         return None
     if label not in (0, 1) or isinstance(label, bool):
@@ -91,7 +77,8 @@ def _pair_or_none(shard: Path, row: int, label: object, caption: object):
     return PairRecord(caption or "", chosen, rejected)
 
 
-def read_pickapic(path: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> list:
+def read_pickapic(path: str | os.PathLike, *, log: Callable[[str], None] | None = None
+                  ) -> list[PairRecord]:
     """Pairs of a Pick-a-Pic v2 shard or folder of shards, in shard-then-row order."""
     shards = parquet_shards(path)
     pq = _parquet(Path(path))

@@ -25,35 +25,19 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PairDataError
 from .images import IMAGE_EXTENSIONS
 from .pickapic import read_pickapic
-from .sources import ImageSource
+from .records import ImageSource, PairRecord
+from ..sdscripts.config_file import SdScriptsError
+from ..sdscripts.dataset_config import read_dataset_config
 
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 _SOURCES = ("expected a folder with w/ and l/ subfolders, a .jsonl or .csv manifest, "
             "Pick-a-Pic .parquet shard(s), or an sd-scripts dataset config (.toml)")
-
-
-@dataclass(frozen=True)
-class PairRecord:
-    """One preference pair: `chosen` is preferred over `rejected` for `prompt`.
-
-    An image is a file path or a `ParquetImage` cell (shard, row, column).
-    """
-
-    prompt: str
-    chosen: ImageSource
-    rejected: ImageSource
-    weight: float = 1.0
-    # the sampler's final latents of each image (a `sipo-pairs make` manifest); used instead of
-    # a VAE encode when they fit the run (sipo_plugin.data.saved_latents)
-    chosen_latents: Path | None = None
-    rejected_latents: Path | None = None
 
 
 def _has_parquet(folder: Path) -> bool:
@@ -176,8 +160,6 @@ def read_dataset_config_pairs(path: str | os.PathLike, *, caption_extension: str
                               ) -> list[PairRecord]:
     """An sd-scripts dataset config: every subset's pair folder (its own caption_extension, else
     `caption_extension`), its pairs listed ``num_repeats`` times, subsets in file order."""
-    from ..sdscripts.config_file import SdScriptsError
-    from ..sdscripts.dataset_config import read_dataset_config
     try:
         dataset = read_dataset_config(path)
     except SdScriptsError as err:

@@ -1,4 +1,6 @@
-"""Data order as a pure function of (seed, position), so a resumed run sees the same batches."""
+"""Data order as a pure function of (seed, position), so a resumed run sees the same batches.
+
+Every sampler yields batches of `Draw` (pair index, epoch): the one kind of dataset key."""
 
 from __future__ import annotations
 
@@ -12,18 +14,16 @@ from .augment import Draw
 
 class PairBatchSampler(torch.utils.data.Sampler):
     """Batches of pair indices: epoch e is a permutation seeded by (seed, e); a partial last batch
-    is dropped. Iteration starts at micro-batch ``start`` and yields ``total - start`` batches.
-
-    With ``with_epoch`` each element is a `Draw` (index, epoch) instead of a bare index, so the
-    dataset can make per-epoch augmentation decisions (caption dropout, flip).
+    is dropped. Iteration starts at micro-batch ``start`` and yields ``total - start`` batches of
+    `Draw`s (index, epoch): the epoch feeds the per-epoch augmentation decisions (caption dropout,
+    flip) and the cached reference's draw.
     """
 
-    def __init__(self, num_pairs: int, batch_size: int, *, seed: int, total: int, start: int = 0,
-                 with_epoch: bool = False):
+    def __init__(self, num_pairs: int, batch_size: int, *, seed: int, total: int, start: int = 0):
         if num_pairs < batch_size:
             raise ValueError(f"{num_pairs} pairs are fewer than one batch of {batch_size}")
         self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
-        self.total, self.start, self.with_epoch = total, start, with_epoch
+        self.total, self.start = total, start
         self.per_epoch = num_pairs // batch_size
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -36,12 +36,12 @@ class PairBatchSampler(torch.utils.data.Sampler):
         b = self.batch_size
         return [order[i * b:(i + 1) * b].tolist() for i in range(self.per_epoch)]
 
-    def __iter__(self) -> Iterator[list]:
+    def __iter__(self) -> Iterator[list[Draw]]:
         epoch, offset = divmod(self.start, self.per_epoch)
         batches = self.epoch_batches(epoch)
         for _ in range(self.start, self.total):
             batch = batches[offset]
-            yield [Draw(i, epoch) for i in batch] if self.with_epoch else batch
+            yield [Draw(i, epoch) for i in batch]
             offset += 1
             if offset == self.per_epoch:
                 epoch, offset = epoch + 1, 0
@@ -61,9 +61,8 @@ class BucketBatchSampler(PairBatchSampler):
     """
 
     def __init__(self, buckets: Sequence[Hashable], batch_size: int, *, seed: int, total: int,
-                 start: int = 0, with_epoch: bool = False):
-        super().__init__(len(buckets), batch_size, seed=seed, total=total, start=start,
-                         with_epoch=with_epoch)
+                 start: int = 0):
+        super().__init__(len(buckets), batch_size, seed=seed, total=total, start=start)
         self.buckets = list(buckets)
         counts: dict[Hashable, int] = {}
         for bucket in self.buckets:
@@ -87,11 +86,12 @@ class BucketBatchSampler(PairBatchSampler):
 
 
 def fixed_batches(indices: Sequence[int], batch_size: int,
-                  buckets: Sequence[Hashable] | None = None) -> list[list[int]]:
+                  buckets: Sequence[Hashable] | None = None) -> list[list[Draw]]:
     """``indices`` cut into batches of at most ``batch_size`` (the last of each bucket may be
-    short, so every index is used once), one bucket per batch, order kept within a bucket."""
+    short, so every index is used once), one bucket per batch, order kept within a bucket; each
+    pair drawn as in epoch 0."""
     members: dict[Hashable, list[int]] = {}
     for index in indices:
         members.setdefault(None if buckets is None else buckets[index], []).append(index)
-    return [group[i:i + batch_size] for group in members.values()
+    return [[Draw(index, 0) for index in group[i:i + batch_size]] for group in members.values()
             for i in range(0, len(group), batch_size)]

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Union
-
 from PIL import Image
 
 from .images import decode_rgb, image_size, open_rgb
-from .pickapic import ParquetImage, ParquetImageReader
-
-ImageSource = Union[Path, ParquetImage]
+from .pickapic import ParquetImageReader
+from .records import ImageSource, ParquetImage
 
 
 class ImageReader:

@@ -37,6 +37,8 @@ import torch
 from PIL import Image
 
 from ..models.families import check_num_frames
+from ..utils.io import atomic_write_bytes
+from .augment import Draw
 from .errors import PairDataError
 from .images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor, resize_center_crop
 from .pairs import PairRecord
@@ -168,7 +170,8 @@ def load_video(path: str | os.PathLike, *, num_frames: int, frame_fps: float, he
 
 
 class VideoPairDataset(torch.utils.data.Dataset):
-    """Decodes a pair on access: dict(prompt, chosen [3,F,H,W], rejected [3,F,H,W], weight)."""
+    """Decodes a pair on access: dict(prompt, chosen [3,F,H,W], rejected [3,F,H,W], weight), by
+    `Draw` (index, epoch) like `PairDataset` (clips have no per-epoch augmentation)."""
 
     def __init__(self, records: Sequence[PairRecord], *, num_frames: int, frame_fps: float,
                  height: int, width: int):
@@ -176,13 +179,15 @@ class VideoPairDataset(torch.utils.data.Dataset):
         if frame_fps < 0:
             raise ValueError(f"frame_fps must be >= 0 (0: the source's own frames), got {frame_fps}")
         self.records = list(records)
+        self.target_hw = None  # one clip size for every pair: no buckets
         self.clip = {"num_frames": num_frames, "frame_fps": frame_fps, "height": height,
                      "width": width}
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, draw: Draw) -> dict:
+        index, _ = draw
         record = self.records[index]
         return {
             "prompt": record.prompt,
@@ -226,7 +231,6 @@ def clip_images(frames) -> list[Image.Image]:
 
 def save_clip(frames, path: str | os.PathLike, fps: float = 8.0) -> Path:
     """Write ``frames`` (see `clip_images`) as a looping animated GIF at ``fps``, atomically."""
-    from ..utils.io import atomic_write_bytes
     images = clip_images(frames)
     if not images:
         raise ValueError("save_clip: no frames")

@@ -22,17 +22,18 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..data import PairBatchSampler, collate_pairs, read_pairs
+from ..data import PairBatchSampler, read_pairs
 from ..data.batch import PairBatch
+from ..data.loader import make_dataloader
 from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..objectives import calibrate_kappa, first_kept_timestep, get_objective, per_sample_error
 from ..utils.seeding import seeded_generator
 from .checkpoint import load_checkpoint, resolve_resume
-from ..data.cache import batch_conditioning, batch_latents, build_data_cache, cache_dir_of
+from ..data.cache import batch_conditioning, batch_latents
 from .config import Config
-from .reference import (AdapterOffReference, cached_reference_errors, draw_generators,
-                        make_reference, objective_needs_reference)
+from .precompute import prepare_caches
+from .reference import AdapterOffReference, draw_generators, make_reference
 from .memory import (build_optimizer, cast_trainable_to_bf16, compile_trained_network,
                      enable_gradient_checkpointing, enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
@@ -57,29 +58,6 @@ def use_cpu(training) -> bool:
     where it sets up gloo; without it each process would silently train alone."""
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return training.cpu or (several_processes and not torch.cuda.is_available())
-
-
-def make_dataloader(config: Config, records, *, total: int, start: int = 0, subset=None):
-    """Micro-batches ``start`` .. ``total`` of the run's fixed data order (see PairBatchSampler;
-    images: BucketBatchSampler when enable_bucket, augmentation decided per (seed, epoch, pair));
-    with ``subset`` (pair indices), those pairs once each (see `fixed_batches`)."""
-    from ..data import BucketSpec, PairAugmentation, make_pair_loader
-    from ..data.sampler import fixed_batches
-    d, t = config.data, config.training
-    if d.num_frames:
-        sampler = (fixed_batches(subset, t.train_batch_size) if subset is not None else
-                   PairBatchSampler(len(records), t.train_batch_size, seed=t.seed, total=total,
-                                    start=start))
-        from ..data.video import video_dataset  # video families (num_frames > 0) train on clips
-        return torch.utils.data.DataLoader(
-            video_dataset(config, records), batch_sampler=sampler,
-            collate_fn=collate_pairs, num_workers=d.dataloader_num_workers)
-    buckets = (BucketSpec(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
-               if d.enable_bucket else None)
-    return make_pair_loader(
-        records, resolution=d.resolution, batch_size=t.train_batch_size, seed=t.seed, total=total,
-        start=start, num_workers=d.dataloader_num_workers, buckets=buckets,
-        augmentation=PairAugmentation(t.seed, d.caption_dropout_rate, d.flip_aug), subset=subset)
 
 
 def progress_fields(metrics: dict, prefix: str = "") -> dict:
@@ -225,11 +203,10 @@ def calibration_pairs(config: Config, num_pairs: int) -> list[int]:
     return order[:min(config.training.calibration_pairs, num_pairs)].tolist()
 
 
-def calibration_loader(config: Config, records, data_cache=None):
-    """The calibration pairs in batches of at most train_batch_size (through the run's caches)."""
-    loader = make_dataloader(config, records, total=0,
-                             subset=calibration_pairs(config, len(records)))
-    return data_cache.wrap(loader) if data_cache is not None else loader
+def calibration_loader(config: Config, records, stores=None):
+    """The calibration pairs in batches of at most train_batch_size (through the run's stores)."""
+    return make_dataloader(config, records, total=0, stores=stores,
+                           subset=calibration_pairs(config, len(records)))
 
 
 @torch.no_grad()
@@ -262,12 +239,12 @@ def calibrate(objective, adapter: ModelAdapter, loader, seed: int, reference=Non
                            target_mask_fraction=cfg.target_mask_fraction)
 
 
-def run_calibration_sample(config: Config, adapter, records, reference=None, data_cache=None):
+def run_calibration_sample(config: Config, adapter, records, reference=None, stores=None):
     """The run's calibration sample: its calibration pairs (cached when the run caches), or every
     cached reference draw."""
-    return calibration_sample(adapter, calibration_loader(config, records, data_cache),
+    return calibration_sample(adapter, calibration_loader(config, records, stores),
                               config.training.seed, reference,
-                              data_cache.reference if data_cache is not None else None)
+                              stores.reference if stores is not None else None)
 
 
 def first_timestep_for_run(config: Config, objective, adapter, sample, log) -> int:
@@ -306,14 +283,14 @@ def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> No
 
 
 def objective_for_run(config: Config, adapter, records, checkpoint, log,
-                      reference=None, data_cache=None, sample=None):
+                      reference=None, stores=None, sample=None):
     """The configured objective; kappa = 'auto' is calibrated once (or restored on resume) with
     the run's reference and caches (or on ``sample``, the run's calibration sample)."""
     if checkpoint is not None:
         return get_objective(checkpoint["objective_name"], **checkpoint["objective_hyperparameters"])
     objective = get_objective(config.objective.name, **config.objective.hyperparameters)
     if objective.needs_calibration:
-        sample = sample or run_calibration_sample(config, adapter, records, reference, data_cache)
+        sample = sample or run_calibration_sample(config, adapter, records, reference, stores)
         kappa = calibrate(objective, adapter, None, config.training.seed, sample=sample)
         objective = objective.with_kappa(kappa)
         log.info(f"kappa = 'auto' calibrated to {kappa:.6g} (masks "
@@ -340,22 +317,6 @@ def make_lr_scheduler(optimizer, training, num_processes: int):
     return get_scheduler(training.lr_scheduler, optimizer,
                          num_warmup_steps=training.lr_warmup_steps * num_processes,
                          num_training_steps=training.max_train_steps * num_processes)
-
-
-def prepare_caches(config: Config, adapter, records, accelerator, log):
-    """Latent / text-encoder caches and, for reference = "cached", the reference pre-pass (run
-    before a checkpoint's weights load: it needs the base model). None when nothing is cached."""
-    d = config.data
-    if not (d.cache_latents or d.cache_latents_to_disk or d.cache_text_encoder_outputs):
-        return None  # (reference = "cached" needs cached latents: the config checks it)
-    probe = make_dataloader(config, records, total=1)  # the data pipeline's dataset and collate
-    output_dir = Path(config.training.output_dir)
-    data_cache = build_data_cache(config, adapter, records, probe, output_dir, log)
-    if config.training.reference == "cached" and objective_needs_reference(config):
-        data_cache.reference = cached_reference_errors(
-            config, adapter, records, data_cache, probe, cache_dir_of(config, output_dir),
-            accelerator, log)
-    return data_cache
 
 
 def check_before_model_load(config: Config, records) -> None:
@@ -437,11 +398,11 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     check_base_weights(adapter)
     reference = make_reference(config, adapter, log)  # before training: a frozen copy is the base
     params = adapter.add_trainable(config.network)
-    data_cache = prepare_caches(config, adapter, records, accelerator, log)
+    stores = prepare_caches(config, adapter, records, accelerator, log)
     # the adapter starts as an exact no-op (lora_up = 0), so calibration sees the reference
-    sample = (run_calibration_sample(config, adapter, records, reference, data_cache)
+    sample = (run_calibration_sample(config, adapter, records, reference, stores)
               if t.skip_masked_timesteps else None)  # (deterministic: the same on resume)
-    objective = objective_for_run(config, adapter, records, checkpoint, log, reference, data_cache,
+    objective = objective_for_run(config, adapter, records, checkpoint, log, reference, stores,
                                   sample)
     adapter.first_timestep = first_timestep_for_run(config, objective, adapter, sample, log)
     loss_scale = timestep_share(adapter.first_timestep,
@@ -465,9 +426,8 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     micro = t.gradient_accumulation_steps
     # every process takes every n-th micro-batch of one stream (accelerate's batch-sampler shards)
     stream = micro * accelerator.num_processes
-    loader = make_dataloader(config, records, total=t.max_train_steps * stream, start=start * stream)
-    if data_cache is not None:
-        loader = data_cache.wrap(loader)
+    loader = make_dataloader(config, records, total=t.max_train_steps * stream, start=start * stream,
+                             stores=stores)
     # the modules stay unwrapped (the adapter switches their LoRA on and off); with several
     # processes, train_step averages the gradients itself
     optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)

@@ -18,28 +18,24 @@
   memory (full fine-tuning: no copy at all; LoRA: no second forward). The price: each pair is seen
   with only K noise/timestep draws over the whole run (data reuse, like K-fold augmentation
   instead of fresh noise each visit), and the pre-pass costs K forwards per pair up front. It
-  needs cached latents (the errors are for fixed latents) and no caption dropout.
+  needs cached latents (the errors are for fixed latents) and no caption dropout. The file, its
+  reuse and the data the pre-pass reads: training/precompute.py; the store: data/cache.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from ..data.batch import PairBatch
-from ..data.cache import (batch_conditioning, batch_latents, data_settings, file_identity,
-                          fingerprint)
+from ..data.cache import CachedReferenceErrors, batch_conditioning, batch_latents
 from ..objectives import get_objective, per_sample_error
-from ..utils.io import save_safetensors_atomic
 from ..utils.seeding import seeded_generator
 
 REFERENCE_STREAM = -2  # generator key of the cached draws: (seed, REFERENCE_STREAM, pair, k)
-REFERENCE_FILE = "reference_errors.safetensors"
 INITIAL_ADAPTER = "initial"  # reference = "initial": the frozen copy of the starting LoRA
 REFERENCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -108,38 +104,9 @@ def make_reference(config, adapter, log):
     return FrozenCopyReference(module)
 
 
-def draw_index(pair: int, epoch: int, draws: int) -> int:
-    """Which of a pair's K cached draws epoch e uses: k = (e + pair) mod K (cycles every K epochs;
-    the pair offset spreads the draws of one batch)."""
-    return (epoch + pair) % draws
-
-
 def draw_generators(seed: int, pairs: list[int], ks: list[int]) -> list[torch.Generator]:
     """One generator per pair for its draw k: the stream the pre-pass and training share."""
     return [seeded_generator(seed, REFERENCE_STREAM, i, k) for i, k in zip(pairs, ks, strict=True)]
-
-
-@dataclass
-class CachedReferenceErrors:
-    """errors [N, K, 2] (winner, loser) and timesteps [N, K] of K draws for each of N pairs."""
-
-    errors: torch.Tensor
-    timesteps: torch.Tensor
-
-    @property
-    def draws(self) -> int:
-        return self.errors.shape[1]
-
-    def item(self, pair: int, epoch: int) -> dict[str, torch.Tensor]:
-        """What a dataset item carries: the draw index and its errors [2] (winner, loser)."""
-        k = draw_index(pair, epoch, self.draws)
-        return {"reference_draw": torch.tensor([k]), "reference_errors": self.errors[pair, k]}
-
-    def calibration_sample(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every cached draw as [2N] errors (winners first) and [2N] timesteps, per draw."""
-        errors = [torch.cat([self.errors[:, k, 0], self.errors[:, k, 1]]) for k in range(self.draws)]
-        timesteps = [torch.cat([self.timesteps[:, k]] * 2) for k in range(self.draws)]
-        return errors, timesteps
 
 
 def pair_generators(batch: PairBatch, draws, seed: int):
@@ -151,8 +118,8 @@ def pair_generators(batch: PairBatch, draws, seed: int):
 
 
 @torch.no_grad()
-def compute_reference_errors(adapter, reference, items: Callable[[list[int]], PairBatch], num_pairs: int,
-                             chunks: list[list[int]], *, draws: int, seed: int,
+def compute_reference_errors(adapter, reference, items: Callable[[list[int]], PairBatch],
+                             num_pairs: int, chunks: list[list[int]], *, draws: int, seed: int,
                              autocast=contextlib.nullcontext) -> CachedReferenceErrors:
     """The pre-pass: reference errors of K draws for every pair, one chunk of pairs at a time.
 
@@ -173,71 +140,3 @@ def compute_reference_errors(adapter, reference, items: Callable[[list[int]], Pa
                 timesteps = torch.zeros(num_pairs, draws, dtype=noisy.timesteps.dtype)
             timesteps[pairs, k] = noisy.timesteps[:len(pairs)].cpu()
     return CachedReferenceErrors(errors=errors, timesteps=timesteps)
-
-
-def same_shape_chunks(latents, num_pairs: int, size: int) -> list[list[int]]:
-    """Consecutive pair indices in chunks of at most ``size`` whose latents share one shape
-    (aspect-ratio buckets give pairs different shapes)."""
-    chunks: list[list[int]] = []
-    shape = None
-    for i in range(num_pairs):
-        this = tuple(latents[i]["latents"].shape)
-        if chunks and this == shape and len(chunks[-1]) < size:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-            shape = this
-    return chunks
-
-
-def reference_settings(config, records) -> str:
-    """The fingerprint a cached reference file must match to be reused."""
-    return fingerprint({"model": config.to_dict()["model"], "data": data_settings(config),
-                        "seed": config.training.seed,
-                        "draws": config.training.reference_cache_draws,
-                        "mixed_precision": config.training.mixed_precision,
-                        "pairs": [[r.prompt, file_identity(r.chosen), file_identity(r.rejected)]
-                                  for r in records]})
-
-
-def load_reference_errors(path: Path, key: str) -> CachedReferenceErrors | None:
-    """The cached errors at ``path`` when they were made with these settings, else None."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != key:
-                return None
-            return CachedReferenceErrors(errors=f.get_tensor("errors"),
-                                         timesteps=f.get_tensor("timesteps"))
-    except Exception:  # missing, truncated or foreign: rebuild
-        return None
-
-
-def cached_reference_errors(config, adapter, records, data_cache, loader, cache_dir: Path,
-                            accelerator, log) -> CachedReferenceErrors:
-    """Load the run's cached reference errors, or compute them (before anything trains) and save."""
-    t = config.training
-    path = cache_dir / REFERENCE_FILE
-    key = reference_settings(config, records)
-    cached = load_reference_errors(path, key)
-    if cached is not None:
-        log.info(f"reference errors reused from {path}")
-        return cached
-    dataset = data_cache.dataset(loader)
-    collate = data_cache.wrap(loader).collate_fn
-
-    def items(pairs: list[int]) -> PairBatch:
-        return collate([dataset[(i, 0)] for i in pairs])
-
-    reference = (UntrainedModelReference() if config.network.finetune == "full"
-                 else AdapterOffReference())
-    cached = compute_reference_errors(adapter, reference, items, len(records),
-                                      same_shape_chunks(data_cache.latents, len(records),
-                                                        t.train_batch_size),
-                                      draws=t.reference_cache_draws, seed=t.seed,
-                                      autocast=accelerator.autocast)
-    if accelerator.is_main_process:
-        save_safetensors_atomic({"errors": cached.errors, "timesteps": cached.timesteps}, path,
-                                metadata={"fingerprint": key})
-    log.info(f"reference errors of {len(records)} pairs x {t.reference_cache_draws} draws "
-             f"cached in {path}")
-    return cached
