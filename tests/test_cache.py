@@ -161,7 +161,7 @@ def test_caption_dropout_with_cached_outputs_encodes_the_empty_prompt(manifest, 
 def test_sdxl_cached_batches_keep_the_size_ids_and_train_full_with_a_cached_reference(tmp_path):
     from test_sdxl import make_pairs
     from tiny_sdxl import save_tiny_sdxl
-    from sipo_plugin.data.cache import batch_conditioning
+    from sipo_plugin.training.forward import batch_conditioning
     model_dir = save_tiny_sdxl(tmp_path / "model")
     config = load_config_sdxl(model_dir, make_pairs(tmp_path / "pairs"), tmp_path / "run")
     records = read_pairs(config.data.train_data)

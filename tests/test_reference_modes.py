@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sipo_plugin.data.batch import PairBatch
-from sipo_plugin.data.cache import batch_conditioning, batch_latents
+from sipo_plugin.training.forward import batch_conditioning, batch_latents
 from sipo_plugin.objectives import get_objective, per_sample_error
 from sipo_plugin.training.config import ConfigError, load_config
 from sipo_plugin.training.loop import lora_state, prepare_caches, train

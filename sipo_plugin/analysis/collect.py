@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import read_pairs
-from ..data.cache import batch_latents
+from ..data.loader import make_dataloader
 from ..models import get_model_adapter
 from ..models.base import repeat_pair
 from ..objectives import get_objective, per_sample_error
 from ..objectives.errors import PairErrors, split_pair
 from ..objectives.importance import importance_weights
 from ..objectives.schedule import num_train_timesteps
+from ..training.forward import PairDraws, batch_conditioning, pair_forward
 from .stats import (bucket_bounds, bucket_index, masked_fraction, pair_gradient_norm, per_bucket,
                     stratified_timesteps)
 
@@ -80,33 +83,38 @@ def error_partials(objective, policy_err, ref_err, timesteps, scheduler):
     return split_pair(grad.detach())
 
 
+def stratified_noise(adapter, bucket: int, n_buckets: int):
+    """The ``noise`` of ``pair_forward``: each pair's noise from ``generator``, its timestep
+    drawn uniformly inside ``bucket``."""
+    n_t = num_train_timesteps(adapter.noise_scheduler)
+
+    def noisy_inputs(latents, generator):
+        b = latents.shape[0] // 2
+        noise, drawn = adapter.draw_noise_and_timesteps(latents[:b].shape, generator)
+        t = stratified_timesteps(bucket, b, n_t, n_buckets, generator,
+                                 integer=not drawn.is_floating_point()).to(drawn.device, drawn.dtype)
+        return adapter.make_noisy(latents, repeat_pair(noise).to(latents.device, latents.dtype),
+                                  repeat_pair(t).to(latents.device))
+    return noisy_inputs
+
+
 def bucket_batch(adapter, params, reference, batch, bucket: int, n_buckets: int, generator,
                  grad_count: int):
     """One micro-batch at timesteps stratified in ``bucket``: policy and reference errors of
-    every pair, and the per-sample gradient terms of its first ``grad_count`` pairs."""
-    scheduler = adapter.noise_scheduler
-    n_t = num_train_timesteps(scheduler)
+    every pair (the trainer's forward path, training/forward.py), and the per-sample gradient
+    terms of its first ``grad_count`` pairs."""
     with torch.no_grad():
-        latents = batch_latents(adapter, batch, generator)
-        cond = adapter.pair_conditioning(adapter.encode_prompts(batch.prompts), batch)
-    b = latents.shape[0] // 2
-    noise, drawn = adapter.draw_noise_and_timesteps(latents[:b].shape, generator)
-    t = stratified_timesteps(bucket, b, n_t, n_buckets, generator,
-                             integer=not drawn.is_floating_point()).to(drawn.device, drawn.dtype)
-    noisy = adapter.make_noisy(latents, repeat_pair(noise).to(latents.device, latents.dtype),
-                               repeat_pair(t).to(latents.device))
-    with torch.no_grad():
-        ref_err = per_sample_error(reference.predict(adapter, noisy, cond, batch), noisy.target)
-        policy_err = per_sample_error(adapter.predict(noisy.noisy, noisy.timesteps, cond),
-                                      noisy.target)  # [2B]
+        out = pair_forward(adapter, batch, PairDraws(images=generator, pairs=generator),
+                           reference=reference, noise=stratified_noise(adapter, bucket, n_buckets))
+    noisy, cond, b = out.noisy, out.cond, batch.num_pairs
     rows = []
     for i in range(min(grad_count, b)):
         if adapter.trains_text_encoder:  # the text encoder's LoRA gets gradient via the prompts
-            cond = adapter.pair_conditioning(adapter.encode_prompts(batch.prompts), batch)
+            cond = batch_conditioning(adapter, batch)
         rows.append(per_sample_gradients(adapter, params, noisy, cond, [i, b + i])[1:])
     terms = [torch.stack([r[k] for r in rows]) if rows else torch.zeros(0, dtype=torch.float64)
              for k in (0, 1, 2)]  # 3 x [grad_count]
-    return policy_err, ref_err.detach().float(), noisy.timesteps, terms
+    return out.policy, out.reference.float(), noisy.timesteps, terms
 
 
 def collect(config, adapter, params, reference, records, *, n_buckets: int, grad_pairs: int,
@@ -117,8 +125,6 @@ def collect(config, adapter, params, reference, records, *, n_buckets: int, grad
     The pairs come through the trainer's own data loader (same order for every bucket), so
     every family's data layout (images, video clips, aspect buckets) works.
     """
-    from ..training.loop import make_dataloader
-
     batches = max(1, len(records) // config.training.train_batch_size)
     parts = {"policy_err": [], "ref_err": [], "timesteps": [], "terms": []}
     for bucket in range(n_buckets):
@@ -171,13 +177,14 @@ def summarize(parts: dict, objectives: dict, scheduler, settings: dict, n_bucket
 
 
 def load_for_analysis(config):
-    """The adapter with what the run trains (a fresh LoRA, or full weights), its reference (the
-    adapter switched off, or a frozen copy taken before any training), and, when ``resume`` is
-    set, the checkpoint's trained state loaded."""
+    """The adapter with what the run trains (a fresh LoRA, or full weights), the run's reference
+    (training/reference.py, chosen as the trainer chooses it, taken before any training; a cached
+    one becomes the model its pre-pass ran, since the analysis draws its own timesteps), and,
+    when ``resume`` is set, the checkpoint's trained state loaded."""
     from ..training.checkpoint import load_checkpoint, resolve_resume
     from ..training.loop import load_lora_state
     from ..training.run_folder import folder_run_id
-    from ..training.reference import AdapterOffReference, FrozenCopyReference
+    from ..training.reference import make_reference
 
     # the checkpoint first: a missing, pickled or foreign one is refused before the model loads
     output_dir = Path(config.training.output_dir)
@@ -185,9 +192,8 @@ def load_for_analysis(config):
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     adapter = get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"),
                                                           weight_dtype=torch.float32)
+    reference = make_reference(config, adapter, SimpleNamespace(info=tqdm.write), live=True)
     params = adapter.add_trainable(config.network)
-    reference = (FrozenCopyReference(adapter.frozen_denoiser_copy())
-                 if adapter.finetune == "full" else AdapterOffReference())
     if checkpoint is not None:
         load_lora_state(adapter, checkpoint["lora"])
     return adapter, params, reference, checkpoint

@@ -27,16 +27,16 @@ def analysis_kappa(config, adapter, reference, settings: dict, checkpoint) -> tu
     if settings["kappa"] != "auto":
         return float(settings["kappa"]), "from the preset"
     from ..data import read_pairs
-    from ..training.loop import calibrate, calibration_loader
+    from ..training.calibration import run_calibration_sample
 
     name = config.objective.name
     source = name if "mask_threshold" in objective_fields(name) else WEIGHT_DEFAULTS
     accepted = objective_fields(source)
     hp = {k: v for k, v in config.objective.hyperparameters.items() if k in accepted}
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
-    kappa = calibrate(get_objective(source, **hp), adapter, calibration_loader(config, records),
-                      config.training.seed, reference)
-    return kappa, "calibrated (kappa = 'auto', as the trainer does)"
+    sample = run_calibration_sample(config, adapter, records, reference)
+    objective = get_objective(source, **hp).calibrate(sample, adapter.noise_scheduler)
+    return objective.config.kappa, "calibrated (kappa = 'auto', as the trainer does)"
 
 
 def describe_mask(summary: dict) -> str:

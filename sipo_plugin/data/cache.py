@@ -26,22 +26,6 @@ from .augment import Draw
 from .batch import PairBatch
 
 
-def batch_latents(adapter, batch: PairBatch, generators) -> torch.Tensor:
-    """[2B, ...] latents: the cached ones when the batch carries them, else the VAE encodes."""
-    if batch.latents is not None:
-        return batch.latents.to(adapter.device)
-    return adapter.encode_images(batch.pixel_values, generators)
-
-
-def batch_conditioning(adapter, batch: PairBatch) -> dict[str, torch.Tensor]:
-    """[2B] conditioning: cached text-encoder outputs when the batch carries them, else encoded."""
-    if batch.cond is not None:
-        cond = {name: value.to(adapter.device) for name, value in batch.cond.items()}
-    else:
-        cond = adapter.encode_prompts(batch.prompts)
-    return adapter.pair_conditioning(cond, batch)
-
-
 def file_identity(source) -> list:
     """What tells a changed image: its name (a path, or a parquet cell's shard, row and column),
     and the size and modification time of the file holding it."""

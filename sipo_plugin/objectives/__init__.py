@@ -15,6 +15,7 @@ from ..utils.lazy import lazy_getattr
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CalibrationSample",
     "DPOCMConfig",
     "DiffusionDPOConfig",
     "LossOutput",

@@ -4,6 +4,7 @@
 from .errors import LossOutput, PairErrors, per_sample_error, split_pair
 from .registry import (
     ENTRY_POINT_GROUP,
+    CalibrationSample,
     Objective,
     ObjectiveOutput,
     ObjectiveSpec,

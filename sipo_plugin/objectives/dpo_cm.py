@@ -17,9 +17,11 @@ from .diffusion_dpo import (
 )
 from .errors import LossOutput, PairErrors
 from .importance import (
+    calibrated_kappa_config,
     clip_weight,
     geometric_mean,
     importance_weights,
+    kappa_is_auto,
     mask_metrics,
     objective_weight_metrics,
     pair_mask,
@@ -87,4 +89,6 @@ register_objective(
     config_cls=DPOCMConfig,
     description="DPO-C&M (arXiv 2505.21893): Diffusion-DPO scaled by clip(sqrt(w_w w_l)), "
     "pairs with a weight below tau masked",
+    calibrate=calibrated_kappa_config,
+    needs_calibration=kappa_is_auto,
 )

@@ -6,19 +6,28 @@ first, then the B losers; winner ``i`` and loser ``i`` share the prompt, the noi
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["LossOutput", "PairErrors", "per_sample_error", "split_pair", "pair_timesteps"]
+__all__ = ["LossOutput", "PairErrors", "drop_empty_groups", "per_sample_error", "split_pair",
+           "pair_timesteps"]
+
+# a per-group metric: "<name>_by_<group>/<group value>", e.g. weights_by_t/000-099
+_GROUP_METRIC = re.compile(r"[^/]*_by_[^/]*/.+")
 
 
 class LossOutput(NamedTuple):
     """What a pure loss function returns: per-pair losses ``[B]`` (not reduced) and metrics.
 
     ``metrics`` maps TRL-style names to detached 0-dim tensors or floats; the objective converts
-    them to floats once, after the reduction.
+    them to floats once, after the reduction. A per-group metric (``<name>_by_<group>/<value>``,
+    e.g. ``weights_by_t/000-099``) is NaN when no pair of the batch is in the group, so it is
+    made without reading the batch on the host: the trainer's logger leaves non-finite values
+    out of the interval mean, and ``from_errors`` leaves such keys out (:func:`drop_empty_groups`).
     """
 
     losses: torch.Tensor
@@ -81,3 +90,9 @@ def pair_timesteps(timesteps: torch.Tensor, num_pairs: int) -> torch.Tensor:
     raise ValueError(
         f"timesteps must have B={num_pairs} or 2B={2 * num_pairs} elements, got {t.numel()}"
     )
+
+
+def drop_empty_groups(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics without the per-group ones that are NaN (no pair in the group)."""
+    return {k: v for k, v in metrics.items()
+            if not (_GROUP_METRIC.fullmatch(k) and isinstance(v, float) and math.isnan(v))}

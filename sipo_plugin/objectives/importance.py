@@ -14,6 +14,7 @@ Weights never carry gradient. ``a_t = +inf`` (DDPM ``t = 0``, flow ``s_prev <= 0
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -28,10 +29,12 @@ from .validation import check_float
 __all__ = [
     "WEIGHT_MODELS",
     "calibrate_kappa",
+    "calibrated_kappa_config",
     "clip_weight",
     "first_kept_timestep",
     "geometric_mean",
     "importance_weights",
+    "kappa_is_auto",
     "mask_metrics",
     "pair_mask",
     "reference_log_weight",
@@ -106,15 +109,20 @@ def weight_metrics(
 ) -> dict[str, torch.Tensor | float]:
     """``kappa`` and the mean raw weight (both sides) per tenth of the schedule in the batch.
 
-    Keys ``weights_by_t/000-099`` ... ``weights_by_t/900-999`` for 1000 training timesteps.
+    Keys ``weights_by_t/000-099`` ... ``weights_by_t/900-999`` for 1000 training timesteps; a
+    tenth without a pair in the batch is NaN (computed on the device, no host read: see
+    ``LossOutput``).
     """
     raw = 0.5 * (weight_w.detach() + weight_l.detach())  # [B]
     t = timesteps.to(raw.device, torch.float32)
     bucket = torch.div(t * 10, num_timesteps, rounding_mode="floor").long().clamp(0, 9)  # [B]
+    one_hot = bucket[None, :] == torch.arange(10, device=raw.device)[:, None]  # [10, B]
+    sums = torch.where(one_hot, raw[None, :], torch.zeros_like(raw)).sum(dim=1)  # [10]
+    means = sums / one_hot.sum(dim=1)  # [10], NaN (0/0) where empty
     metrics: dict[str, torch.Tensor | float] = {"kappa": float(kappa)}
-    for b in torch.unique(bucket).tolist():
+    for b in range(10):
         lo, hi = b * num_timesteps // 10, (b + 1) * num_timesteps // 10 - 1
-        metrics[f"weights_by_t/{lo:03d}-{hi:03d}"] = raw[bucket == b].mean()
+        metrics[f"weights_by_t/{lo:03d}-{hi:03d}"] = means[b]
     return metrics
 
 
@@ -193,6 +201,21 @@ def calibrate_kappa(
     scores = _pair_scores(ref_errors, timesteps, scheduler)  # [N]
     k = int(math.floor(target * scores.numel() + 0.5))
     return -math.log(tau) / _threshold_for_count(scores, k)
+
+
+def kappa_is_auto(config: Any) -> bool:
+    """SIPO's and DPO-C&M's ``needs_calibration``: while ``kappa`` is ``"auto"``."""
+    return isinstance(config.kappa, str) and config.kappa == "auto"
+
+
+def calibrated_kappa_config(config: Any, sample: Any, scheduler: Any) -> Any:
+    """SIPO's and DPO-C&M's calibration hook: the config with ``kappa = calibrate_kappa(...)``
+    on the sample's reference errors and timesteps, at its ``mask_threshold`` and
+    ``target_mask_fraction``."""
+    errors, timesteps = sample
+    kappa = calibrate_kappa(errors, timesteps, scheduler, mask_threshold=config.mask_threshold,
+                            target_mask_fraction=config.target_mask_fraction)
+    return dataclasses.replace(config, kappa=kappa)
 
 
 def first_kept_timestep(

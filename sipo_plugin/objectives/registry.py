@@ -14,16 +14,18 @@ import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .errors import LossOutput, PairErrors, pair_timesteps, per_sample_error, split_pair
+from .errors import (LossOutput, PairErrors, drop_empty_groups, pair_timesteps, per_sample_error,
+                     split_pair)
 from ..utils.plugins import load_entry_points
 from .catalog import ENTRY_POINT_GROUP, build_hyperparameters, unknown_objective_message
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CalibrationSample",
     "Objective",
     "ObjectiveOutput",
     "ObjectiveSpec",
@@ -37,6 +39,19 @@ __all__ = [
 
 _NAME_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ObjectiveFn = Callable[[PairErrors, Any], LossOutput]
+
+
+class CalibrationSample(NamedTuple):
+    """What a calibration hook sees: per calibration batch, the reference errors ``[2B]``
+    (winners first, ``per_sample_error`` of the reference prediction) and the timesteps
+    (``[B]`` or ``[2B]``), taken before training (the policy equals the reference then)."""
+
+    errors: list[torch.Tensor]
+    timesteps: list[torch.Tensor]
+
+
+# calibrate(config, sample, scheduler) -> the calibrated config (an instance of config_cls)
+CalibrateFn = Callable[[Any, CalibrationSample, Any], Any]
 
 
 class UnknownObjectiveError(KeyError, ValueError):
@@ -55,6 +70,10 @@ class ObjectiveSpec:
     config_cls: type
     description: str = ""
     needs_reference: bool = True  # False: ``fn`` never reads ref_err_* (they are None)
+    # the calibration hook the trainer calls before the first step, and when it is needed
+    # (default: always, once a hook is given); see register_objective
+    calibrate: CalibrateFn | None = None
+    needs_calibration: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,8 @@ def register_objective(
     config_cls: type,
     description: str = "",
     needs_reference: bool = True,
+    calibrate: CalibrateFn | None = None,
+    needs_calibration: Callable[[Any], bool] | None = None,
 ) -> ObjectiveSpec:
     """Register ``fn`` under ``name`` with its frozen hyper-parameter dataclass ``config_cls``.
 
@@ -108,15 +129,28 @@ def register_objective(
     then runs no reference forward (and no reference pre-pass), and ``fn`` gets ``None`` for
     ``ref_err_w`` / ``ref_err_l``.
 
-    Raises ValueError for a badly formed or duplicate name, TypeError for a non-callable ``fn`` or
-    a ``config_cls`` that is not a frozen dataclass. An empty description falls back to the first
-    line of ``fn``'s docstring.
+    ``calibrate(config, sample, scheduler) -> config``: a calibration hook. Before the first
+    step the trainer (and ``--analyze``) computes a :class:`CalibrationSample` (reference errors
+    and timesteps of ``calibration_pairs`` pairs) and trains with the config the hook returns
+    (stored in checkpoints: a resumed run is not calibrated again). ``needs_calibration(config)``
+    says whether a config still needs it (default: always, when a hook is given); SIPO and
+    DPO-C&M calibrate ``kappa = "auto"`` this way.
+
+    Raises ValueError for a badly formed or duplicate name, TypeError for a non-callable ``fn``
+    (or hook) or a ``config_cls`` that is not a frozen dataclass. An empty description falls back
+    to the first line of ``fn``'s docstring.
     """
     text = _check_spec(name, fn, config_cls, description)
     if not isinstance(needs_reference, bool):
         raise TypeError(f"needs_reference of objective {name!r} must be True or False")
+    for hook, value in (("calibrate", calibrate), ("needs_calibration", needs_calibration)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{hook} of objective {name!r} must be callable, got {value!r}")
+    if needs_calibration is not None and calibrate is None:
+        raise TypeError(f"objective {name!r} gives needs_calibration without a calibrate hook")
     spec = ObjectiveSpec(
-        name=name, fn=fn, config_cls=config_cls, description=text, needs_reference=needs_reference
+        name=name, fn=fn, config_cls=config_cls, description=text,
+        needs_reference=needs_reference, calibrate=calibrate, needs_calibration=needs_calibration,
     )
     _SPECS[name] = spec
     return spec
@@ -132,6 +166,8 @@ def _adopt_entry_point_object(obj: Any) -> None:
             config_cls=obj.config_cls,
             description=obj.description,
             needs_reference=obj.needs_reference,
+            calibrate=obj.calibrate,
+            needs_calibration=obj.needs_calibration,
         )
     elif isinstance(obj, types.ModuleType):
         return  # the module registered its objectives on import
@@ -226,8 +262,26 @@ class Objective:
 
     @property
     def needs_calibration(self) -> bool:
-        """True while the hyper-parameter ``kappa`` is ``"auto"``."""
-        return isinstance(getattr(self.config, "kappa", None), str) and self.config.kappa == "auto"
+        """True while the objective's calibration hook has to run (e.g. ``kappa = "auto"``)."""
+        spec = self.spec
+        if spec.calibrate is None:
+            return False
+        return spec.needs_calibration is None or bool(spec.needs_calibration(self.config))
+
+    def calibrate(self, sample: CalibrationSample | tuple, scheduler: Any) -> Objective:
+        """The objective with its calibration hook applied to ``sample`` (a
+        :class:`CalibrationSample` or ``(errors, timesteps)``); itself when it needs none."""
+        if not self.needs_calibration:
+            return self
+        config = self.spec.calibrate(self.config, CalibrationSample(*sample), scheduler)
+        if not isinstance(config, self.spec.config_cls):
+            raise TypeError(f"the calibrate hook of objective {self.name!r} must return a "
+                            f"{self.spec.config_cls.__name__}, got {config!r}")
+        calibrated = Objective(self.spec, config)
+        if calibrated.needs_calibration:
+            raise ValueError(f"the calibrate hook of objective {self.name!r} returned a config "
+                             "that still needs calibration")
+        return calibrated
 
     def with_kappa(self, kappa: float) -> Objective:
         """A new objective with ``kappa`` set (e.g. the value from ``calibrate_kappa``)."""
@@ -274,7 +328,7 @@ class Objective:
         reference, for an objective that declared ``needs_reference=False``).
         """
         out = self.from_errors_on_device(policy_err, ref_err, timesteps, scheduler)
-        return dataclasses.replace(out, metrics=metrics_to_floats(out.metrics))
+        return dataclasses.replace(out, metrics=drop_empty_groups(metrics_to_floats(out.metrics)))
 
     def from_errors_on_device(
         self,
@@ -287,10 +341,10 @@ class Objective:
         them (no host sync: the trainer reads them when it logs)."""
         if self.needs_calibration:
             raise RuntimeError(
-                f"objective {self.name!r} has kappa='auto' and is not calibrated: run "
-                "kappa = calibrate_kappa(ref_errors, timesteps, scheduler, mask_threshold=..., "
-                "target_mask_fraction=...) on a few reference batches, then "
-                "objective = objective.with_kappa(kappa) (or pass a number as kappa)"
+                f"objective {self.name!r} is not calibrated (e.g. kappa='auto'): run "
+                "objective = objective.calibrate((ref_errors, timesteps), scheduler) on a few "
+                "reference batches; for kappa: kappa = calibrate_kappa(ref_errors, timesteps, "
+                "scheduler, ...), then objective = objective.with_kappa(kappa) (or pass a number)"
             )
         m_w, m_l = split_pair(policy_err)  # [B] each, with grad
         t = pair_timesteps(timesteps, m_w.shape[0]).to(m_w.device)  # [B]

@@ -74,15 +74,23 @@ def _work_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device sync: the checks below run only then (the
+    trainer's timesteps on an accelerator are the adapter's own draws; a check there would stall
+    the host on every micro-batch)."""
+    return t.device.type == "cpu"
+
+
 def _ddpm_indices(timesteps: torch.Tensor, scheduler: Any) -> torch.Tensor:
     t = torch.as_tensor(timesteps).reshape(-1)
     t = t.to(_work_device(t))
     n = len(scheduler.alphas_cumprod)
-    bad = (t < 0) | (t > n - 1)
-    if t.is_floating_point():
-        bad = bad | (t != t.round())
-    if bool(bad.any()):
-        raise ValueError(f"DDPM timesteps must be integers in [0, {n - 1}], got {t.tolist()}")
+    if _on_host(t):
+        bad = (t < 0) | (t > n - 1)
+        if t.is_floating_point():
+            bad = bad | (t != t.round())
+        if bool(bad.any()):
+            raise ValueError(f"DDPM timesteps must be integers in [0, {n - 1}], got {t.tolist()}")
     return t.round().long()
 
 
@@ -90,7 +98,7 @@ def _flow_sigmas(timesteps: torch.Tensor, scheduler: Any) -> tuple[torch.Tensor,
     t = torch.as_tensor(timesteps).reshape(-1)
     n = num_train_timesteps(scheduler)
     s = t.to(_work_device(t), torch.float64) / n
-    if bool(((s < 0) | (s > 1 + 1e-6) | s.isnan()).any()):
+    if _on_host(s) and bool(((s < 0) | (s > 1 + 1e-6) | s.isnan()).any()):
         raise ValueError(f"flow timesteps must lie in [0, {n}] (sigma * {n}), got {t.tolist()}")
     return s.clamp(max=1.0), 1.0 / n
 

@@ -12,8 +12,10 @@ from .diffusion_dpo import add_sft_term, preference_logit, preference_loss, pref
 from .configs import PAIR_WEIGHTS, SIPOConfig
 from .errors import LossOutput, PairErrors
 from .importance import (
+    calibrated_kappa_config,
     clip_weight,
     importance_weights,
+    kappa_is_auto,
     mask_metrics,
     objective_weight_metrics,
     pair_mask,
@@ -90,4 +92,6 @@ register_objective(
     config_cls=SIPOConfig,
     description="SIPO/SDPO (arXiv 2505.21893): DPO on clipped importance-weighted log-ratios, "
     "low-weight pairs masked",
+    calibrate=calibrated_kappa_config,
+    needs_calibration=kappa_is_auto,
 )

@@ -1,9 +1,10 @@
-"""The training loop: orchestration only; the math is in sipo_plugin.objectives.
+"""The training loop: orchestration only (setup -> train -> cleanup); the math is in
+sipo_plugin.objectives.
 
-One step (``train_step``) reads top to bottom:
-encode (or read the caches) -> shared noise and t -> policy prediction -> reference errors
-(adapter off, a frozen copy, or cached by a pre-pass: training/reference.py) -> objective ->
-backward -> clip / step / zero_grad when gradients sync.
+One step (``train_step``): the pair batch's policy and reference errors (training/forward.py:
+encode or read the caches -> shared noise and t -> policy prediction -> reference errors from
+the reference training/reference.py chose) -> objective -> backward -> clip / step / zero_grad
+when gradients sync. Before the first step: caches, the calibration hook (training/calibration.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,22 +22,24 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..data import PairBatchSampler, read_pairs
+from ..data import read_pairs
 from ..data.batch import PairBatch
 from ..data.loader import make_dataloader
 from ..models import get_model_adapter
 from ..models.base import ModelAdapter
-from ..objectives import calibrate_kappa, first_kept_timestep, get_objective, per_sample_error
-from ..utils.seeding import seeded_generator
+from ..utils.seeding import seeded_generator  # noqa: F401  (re-exported: tests key draws with it)
+from .calibration import (calibration_pairs, first_timestep_for_run,  # noqa: F401 (re-exported)
+                          objective_for_run, run_calibration_sample, timestep_share)
 from .checkpoint import load_checkpoint, resolve_resume
-from ..data.cache import batch_conditioning, batch_latents
 from .config import Config
+from .forward import PairDraws, batch_draws, pair_forward
 from .precompute import prepare_caches
-from .reference import AdapterOffReference, draw_generators, make_reference
+from .reference import AdapterOffReference, live_reference, make_reference
 from .memory import (build_optimizer, cast_trainable_to_bf16, compile_trained_network,
                      enable_gradient_checkpointing, enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
-from .stopping import nonfinite_loss_message, nonfinite_weight, remove_stale_temp_files
+from .nonfinite import LossWatch, NonFiniteLossError, check_base_weights  # noqa: F401 (re-exported)
+from .stopping import remove_stale_temp_files
 from .sampling import save_samples
 from .run_folder import folder_run_id
 from .saving import save_training_state, start_run
@@ -49,8 +51,6 @@ from ..evaluation.hooks import TrainingEvaluation
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 def use_cpu(training) -> bool:
@@ -68,57 +68,22 @@ def progress_fields(metrics: dict, prefix: str = "") -> dict:
             if prefix + key in metrics}
 
 
-@dataclass
-class PairDraws:
-    """The random streams of one micro-batch, keyed by (seed, step, micro-batch, pair index), so a
-    pair's draws are the same whether the batch runs in one process or is split across several:
-    one per pair for its two VAE posterior samples (winner, then loser; none when the latents are
-    cached) and one per pair for its noise and timestep."""
-
-    images: list[torch.Generator]  # [2B], winners first (pair i's stream twice), or []
-    pairs: list[torch.Generator]  # [B]
-
-    @classmethod
-    def for_batch(cls, seed: int, step: int, micro: int, indices: torch.Tensor, *,
-                  images: bool = True) -> "PairDraws":
-        ids = indices.tolist()
-        image_streams = [seeded_generator(seed, step, micro, i, 0) for i in ids] if images else []
-        return cls(images=image_streams * 2,
-                   pairs=[seeded_generator(seed, step, micro, i, 2) for i in ids])
-
-
-def batch_draws(batch: PairBatch, seed: int, step: int, micro: int) -> PairDraws:
-    """The streams a micro-batch uses, and no others: no VAE streams when its latents are cached,
-    the pair's stored draw when its reference errors are (generators cost tens of us each)."""
-    if batch.reference_draw is not None:
-        return PairDraws(images=[], pairs=draw_generators(seed, batch.indices.tolist(),
-                                                          batch.reference_draw.tolist()))
-    return PairDraws.for_batch(seed, step, micro, batch.indices, images=batch.latents is None)
-
-
 def train_step(batch: PairBatch, adapter: ModelAdapter, objective, accelerator: Accelerator,
                optimizer, lr_scheduler, params, max_grad_norm: float, draws: PairDraws,
                reference=None, loss_scale: float = 1.0) -> dict:
-    """One micro-batch of B pairs laid out as 2B samples, winners first. ``reference``: the live
-    reference (None: the LoRA's adapter-off base); a batch with cached reference errors, or an
-    objective that needs no reference, runs none. Returns the objective's metrics as detached
-    tensors (no host sync; ``float()`` reads one). ``loss_scale`` multiplies the loss."""
+    """One micro-batch of B pairs laid out as 2B samples, winners first. ``reference``: the run's
+    (training/reference.py; None: the LoRA's adapter-off base); an objective that needs no
+    reference runs none. Returns the objective's metrics as detached tensors (no host sync;
+    ``float()`` reads one). ``loss_scale`` multiplies the loss."""
     with accelerator.accumulate(*adapter.trainable_modules()):
-        # encode images and prompts, or read their caches; the prompt is shared by winner and loser
-        latents = batch_latents(adapter, batch, draws.images)
-        cond = batch_conditioning(adapter, batch)
-        # one noise and one timestep per pair
-        noisy = adapter.noisy_inputs(latents, draws.pairs)
-        # policy: the trained model
-        with accelerator.autocast():
-            model_pred = adapter.predict(noisy.noisy, noisy.timesteps, cond)
-        # reference errors: cached by the pre-pass, or the base model's prediction without grad
-        ref_err = step_reference_errors(objective, batch, adapter, noisy, cond, reference,
-                                        accelerator)
+        # policy and reference errors of the 2B samples: training/forward.py
+        reference = (reference or AdapterOffReference()) if objective.needs_reference else None
+        errors = pair_forward(adapter, batch, draws, reference=reference,
+                              autocast=accelerator.autocast)
         # the objective, by name (objective(...) on predictions computes exactly these errors)
-        num_pairs = noisy.timesteps.shape[0] // 2
-        out = objective.from_errors_on_device(per_sample_error(model_pred, noisy.target), ref_err,
-                                              noisy.timesteps[:num_pairs], adapter.noise_scheduler)
+        out = objective.from_errors_on_device(errors.policy, errors.reference,
+                                              errors.timesteps[:batch.num_pairs],
+                                              adapter.noise_scheduler)
         loss = weighted_pair_loss(out, batch.weights) * loss_scale
         accelerator.backward(loss)
         if accelerator.sync_gradients and accelerator.num_processes > 1:
@@ -129,51 +94,6 @@ def train_step(batch: PairBatch, adapter: ModelAdapter, objective, accelerator: 
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return {**out.metrics, "loss": out.metrics["loss"] * loss_scale}
-
-
-def step_reference_errors(objective, batch: PairBatch, adapter: ModelAdapter, noisy, cond: dict,
-                          reference, accelerator: Accelerator) -> torch.Tensor | None:
-    """[2B] reference errors: the batch's cached ones, the live reference's (no grad), or None
-    when the objective does not use them (sft: no reference forward at all)."""
-    if not objective.needs_reference:
-        return None
-    if batch.reference_errors is not None:
-        return batch.reference_errors
-    with torch.no_grad(), accelerator.autocast():
-        ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
-    return per_sample_error(ref_pred, noisy.target)
-
-
-class LossWatch:
-    """Counts non-finite losses, and the steps whose reference errors were non-finite, on the
-    device, so a step needs no host sync; ``check`` reads the counts where the loop syncs anyway
-    (logging, checkpoints, the end of the run)."""
-
-    REFERENCE_METRICS = ("mse/ref_w", "mse/ref_l")
-
-    def __init__(self):
-        self.bad = None
-        self.bad_reference = None
-
-    def add(self, metrics: dict) -> None:
-        """``metrics`` of one micro-batch as ``train_step`` returns them (device tensors)."""
-        bad = (~torch.isfinite(metrics["loss"])).to(torch.int32)
-        self.bad = bad if self.bad is None else self.bad + bad
-        for key in self.REFERENCE_METRICS:
-            if key in metrics:  # objectives with a reference: its mean error on the pairs
-                bad = (~torch.isfinite(torch.as_tensor(metrics[key]))).to(torch.int32)
-                self.bad_reference = bad if self.bad_reference is None else self.bad_reference + bad
-
-    def check(self, step: int, metrics: dict) -> None:
-        if self.bad is None or int(self.bad) == 0:
-            return
-        if self.bad_reference is not None and int(self.bad_reference) > 0:
-            # the base model, not the objective's settings (stopping.py)
-            raise NonFiniteLossError(f"by step {step}: " + nonfinite_loss_message(
-                float("nan"), torch.zeros(1), torch.tensor([float("nan")]), metrics, "no"))
-        raise NonFiniteLossError(
-            f"the loss became NaN or infinite by step {step} (metrics: {metrics}); lower "
-            "learning_rate or beta, or use mixed_precision = \"no\"")
 
 
 def average_gradients(params, accelerator: Accelerator) -> None:
@@ -192,83 +112,6 @@ def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
     return (out.per_pair_loss * weights).sum() / weights.sum()
 
 
-CALIBRATION_STEP = -1  # the draws' step key: training's steps count from 0
-
-
-def calibration_pairs(config: Config, num_pairs: int) -> list[int]:
-    """The pairs kappa = 'auto' is calibrated on: the first ``calibration_pairs`` of the data's
-    epoch-0 order for ``seed`` (all pairs when there are fewer): the same whatever
-    train_batch_size is, and the same for the trainer and --analyze."""
-    order = PairBatchSampler(num_pairs, 1, seed=config.training.seed, total=0).epoch_order(0)
-    return order[:min(config.training.calibration_pairs, num_pairs)].tolist()
-
-
-def calibration_loader(config: Config, records, stores=None):
-    """The calibration pairs in batches of at most train_batch_size (through the run's stores)."""
-    return make_dataloader(config, records, total=0, stores=stores,
-                           subset=calibration_pairs(config, len(records)))
-
-
-@torch.no_grad()
-def calibration_sample(adapter: ModelAdapter, loader, seed: int, reference=None, cached=None):
-    """Reference errors [2B] and timesteps [2B] of each calibration batch (or of every cached
-    reference draw), as two lists. Each pair's VAE sample, noise and timestep come from
-    generators keyed by (seed, pair index), so batching does not change them."""
-    if cached is not None:
-        return cached.calibration_sample()
-    errors, timesteps = [], []
-    for batch in loader:
-        draws = PairDraws.for_batch(seed, CALIBRATION_STEP, 0, batch.indices)
-        latents = batch_latents(adapter, batch, draws.images)
-        noisy = adapter.noisy_inputs(latents, draws.pairs)
-        cond = batch_conditioning(adapter, batch)
-        ref_pred = (reference or AdapterOffReference()).predict(adapter, noisy, cond, batch)
-        errors.append(per_sample_error(ref_pred, noisy.target))
-        timesteps.append(noisy.timesteps)
-    return errors, timesteps
-
-
-def calibrate(objective, adapter: ModelAdapter, loader, seed: int, reference=None,
-              cached=None, sample=None) -> float:
-    """kappa = 'auto': reference errors of the calibration pairs (or every cached reference draw,
-    or the given ``sample``) -> the kappa hitting the mask target."""
-    errors, timesteps = sample or calibration_sample(adapter, loader, seed, reference, cached)
-    cfg = objective.config
-    return calibrate_kappa(errors, timesteps, adapter.noise_scheduler,
-                           mask_threshold=cfg.mask_threshold,
-                           target_mask_fraction=cfg.target_mask_fraction)
-
-
-def run_calibration_sample(config: Config, adapter, records, reference=None, stores=None):
-    """The run's calibration sample: its calibration pairs (cached when the run caches), or every
-    cached reference draw."""
-    return calibration_sample(adapter, calibration_loader(config, records, stores),
-                              config.training.seed, reference,
-                              stores.reference if stores is not None else None)
-
-
-def first_timestep_for_run(config: Config, objective, adapter, sample, log) -> int:
-    """skip_masked_timesteps: the smallest timestep training draws (0: every timestep)."""
-    if not config.training.skip_masked_timesteps:
-        return 0
-    if type(adapter).draw_noise_and_timesteps is not ModelAdapter.draw_noise_and_timesteps:
-        raise ValueError(f"skip_masked_timesteps: the {config.model.family} family draws its own "
-                         "(continuous) timesteps; set skip_masked_timesteps = false")
-    cfg = objective.config
-    first = first_kept_timestep(*sample, adapter.noise_scheduler, kappa=cfg.kappa,
-                                mask_threshold=cfg.mask_threshold)
-    total = adapter.noise_scheduler.config.num_train_timesteps
-    log.info(f"skip_masked_timesteps: every calibration pair at t < {first} was masked; "
-             f"training draws t in [{first}, {total}) and scales the loss by "
-             f"{timestep_share(first, total):.4f}")
-    log.event("skip_masked_timesteps", first_timestep=first)
-    return first
-
-
-def timestep_share(first: int, total: int) -> float:
-    """The share of timesteps drawn, ``(T - t_0) / T``: the loss scale that keeps its
-    expectation when the skipped timesteps are masked (objectives.first_kept_timestep)."""
-    return (total - first) / total
 
 
 def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> None:
@@ -280,24 +123,6 @@ def load_lora_state(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> No
         for name, p in module.named_parameters():
             if p.requires_grad:
                 p.data.copy_(state[f"{i}.{name}"])
-
-
-def objective_for_run(config: Config, adapter, records, checkpoint, log,
-                      reference=None, stores=None, sample=None):
-    """The configured objective; kappa = 'auto' is calibrated once (or restored on resume) with
-    the run's reference and caches (or on ``sample``, the run's calibration sample)."""
-    if checkpoint is not None:
-        return get_objective(checkpoint["objective_name"], **checkpoint["objective_hyperparameters"])
-    objective = get_objective(config.objective.name, **config.objective.hyperparameters)
-    if objective.needs_calibration:
-        sample = sample or run_calibration_sample(config, adapter, records, reference, stores)
-        kappa = calibrate(objective, adapter, None, config.training.seed, sample=sample)
-        objective = objective.with_kappa(kappa)
-        log.info(f"kappa = 'auto' calibrated to {kappa:.6g} (masks "
-                 f"{objective.config.target_mask_fraction:.0%} of pairs at w < "
-                 f"{objective.config.mask_threshold})")
-        log.event("calibration", kappa=kappa)
-    return objective
 
 
 def with_epoch_steps(config: Config, records, num_processes: int) -> Config:
@@ -331,16 +156,6 @@ def check_before_model_load(config: Config, records) -> None:
         raise ConfigError(problems)
     if not (config.data.skip_data_check or config.data.num_frames):
         check_images(records)
-
-
-def check_base_weights(adapter) -> None:
-    """NaN/inf in the base model's own weights, named before training (they would otherwise show
-    up as a NaN loss that looks like a kappa or learning-rate problem)."""
-    bad = nonfinite_weight(adapter.denoiser)
-    if bad is not None:
-        raise NonFiniteLossError(
-            f"the base model's weight {adapter.denoiser_name}.{bad} holds NaN/inf: the model file "
-            "is damaged (re-download or re-convert it); this is not a kappa or learning-rate problem")
 
 
 def train(config: Config) -> TrainResult:
@@ -440,7 +255,7 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     so_far.update(adapter=adapter, objective=objective, accelerator=accelerator, steps=start,
                   start=start, num_pairs=len(records), started_at=started_at,
                   metrics_log=output_dir / "metrics.jsonl", optimizer=optimizer_used,
-                  reference=reference)
+                  reference=live_reference(reference))
     evaluation = TrainingEvaluation(config, adapter, log, accelerator)
     evaluation.at_start(step)  # step-0 sample images and reward-curve point (the base model)
     watch = LossWatch()
@@ -478,4 +293,5 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     return TrainResult(adapter=adapter, objective=objective, accelerator=accelerator, steps=step,
                        num_pairs=len(records), started_at=started_at,
                        metrics_log=output_dir / "metrics.jsonl", last_metrics=log.last,
-                       optimizer=optimizer_used, reference=reference, run_id=run.run_id)
+                       optimizer=optimizer_used, reference=live_reference(reference),
+                       run_id=run.run_id)

@@ -25,12 +25,13 @@ from safetensors import safe_open
 
 from ..data.augment import Draw
 from ..data.cache import (CachedPairDataset, CachedReferenceErrors, LatentCache, PairStores,
-                          PromptCache, batch_latents, collate_cached, data_settings,
-                          file_identity, fingerprint, pair_slots)
+                          PromptCache, collate_cached, data_settings, file_identity, fingerprint,
+                          pair_slots)
 from ..data.loader import pair_dataset
 from ..data.pairs import collate_pairs
 from ..utils.io import save_safetensors_atomic
 from ..utils.seeding import seeded_generator
+from .forward import batch_latents
 from .reference import (AdapterOffReference, UntrainedModelReference, compute_reference_errors,
                         objective_needs_reference)
 

@@ -31,16 +31,37 @@ from typing import Callable
 import torch
 
 from ..data.batch import PairBatch
-from ..data.cache import CachedReferenceErrors, batch_conditioning, batch_latents
+from ..data.cache import CachedReferenceErrors
 from ..objectives import get_objective, per_sample_error
-from ..utils.seeding import seeded_generator
+from .forward import PairDraws, batch_conditioning, draw_generators, pair_forward
 
-REFERENCE_STREAM = -2  # generator key of the cached draws: (seed, REFERENCE_STREAM, pair, k)
 INITIAL_ADAPTER = "initial"  # reference = "initial": the frozen copy of the starting LoRA
 REFERENCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class AdapterOffReference:
+class LiveReference:
+    """A reference model run on the batch: ``errors`` are its per-sample errors, without grad."""
+
+    def errors(self, adapter, noisy, cond: dict, batch: PairBatch,
+               autocast=contextlib.nullcontext) -> torch.Tensor:
+        """[2B] ``mean((f_ref(x_t, t, c) - target)^2)`` for the policy's own inputs."""
+        with torch.no_grad(), autocast():
+            pred = self.predict(adapter, noisy, cond, batch)
+        return per_sample_error(pred, noisy.target)
+
+    def predict(self, adapter, noisy, cond: dict, batch: PairBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CachedReference:
+    """``cached``: the reference errors the pre-pass stored for the pair's draw ride in the batch;
+    no reference model runs during training."""
+
+    def errors(self, adapter, noisy, cond: dict, batch: PairBatch, autocast=None) -> torch.Tensor:
+        return batch.reference_errors
+
+
+class AdapterOffReference(LiveReference):
     """LoRA: the same weights with the adapter disabled (text-encoder LoRA off too), or with the
     frozen starting adapter active instead (reference = "initial", ``adapter.reference()``)."""
 
@@ -50,7 +71,7 @@ class AdapterOffReference:
             return adapter.predict(noisy.noisy, noisy.timesteps, ref_cond)
 
 
-class FrozenCopyReference:
+class FrozenCopyReference(LiveReference):
     """A frozen copy of the base denoiser, possibly on another device and in another dtype."""
 
     def __init__(self, module: torch.nn.Module):
@@ -68,7 +89,7 @@ class FrozenCopyReference:
         return pred.to(noisy.noisy.device)
 
 
-class UntrainedModelReference:
+class UntrainedModelReference(LiveReference):
     """The model itself, valid only before its first update (the cached pre-pass, full FT)."""
 
     def predict(self, adapter, noisy, cond: dict, batch: PairBatch) -> torch.Tensor:
@@ -80,23 +101,37 @@ def objective_needs_reference(config) -> bool:
     return get_objective(config.objective.name, **config.objective.hyperparameters).needs_reference
 
 
-def make_reference(config, adapter, log):
-    """The live reference of a run (None for ``cached``, and when the objective needs none); call
-    before anything trains."""
-    t, full = config.training, config.network.finetune == "full"
-    mode = t.reference if t.reference not in ("auto", "base") else (
-        "frozen_copy" if full else "adapter_off")
-    if not objective_needs_reference(config):
+def reference_mode(config) -> str:
+    """``adapter_off``, ``frozen_copy``, ``initial`` or ``cached``: ``auto`` / ``base`` resolved
+    (LoRA: adapter off; full fine-tuning: a frozen copy)."""
+    t = config.training
+    if t.reference not in ("auto", "base"):
+        return t.reference
+    return "frozen_copy" if config.network.finetune == "full" else "adapter_off"
+
+
+def make_reference(config, adapter, log, *, live: bool = False):
+    """The run's reference, chosen here and nowhere else; call before anything trains (a frozen
+    copy is then the base, and the starting LoRA is kept before the trained one is added).
+
+    None when the objective needs none. ``live=True`` (``--analyze``: every objective at
+    stratified timesteps, which no cache holds) always gives a model: ``cached`` becomes what
+    its pre-pass ran (LoRA: adapter off; full fine-tuning: a frozen copy of the base)."""
+    mode = reference_mode(config)
+    if not (live or objective_needs_reference(config)):
         log.info(f"reference: none ('{config.objective.name}' does not use one)")
         return None
     if mode == "cached":
-        return None
+        if not live:
+            return CachedReference()
+        mode = "frozen_copy" if config.network.finetune == "full" else "adapter_off"
     if mode == "initial":  # the starting LoRA of network_weights, kept as a frozen second adapter
         adapter.reference_adapter = INITIAL_ADAPTER
         log.info(f"reference: the starting LoRA of {config.network.network_weights}, frozen")
         return AdapterOffReference()
     if mode == "adapter_off":
         return AdapterOffReference()
+    t = config.training
     dtype = REFERENCE_DTYPES[t.reference_dtype] if t.reference_dtype else None
     module = adapter.frozen_denoiser_copy(device=t.reference_device or None, dtype=dtype)
     log.info(f"reference: a frozen copy of the {adapter.denoiser_name} on "
@@ -104,9 +139,9 @@ def make_reference(config, adapter, log):
     return FrozenCopyReference(module)
 
 
-def draw_generators(seed: int, pairs: list[int], ks: list[int]) -> list[torch.Generator]:
-    """One generator per pair for its draw k: the stream the pre-pass and training share."""
-    return [seeded_generator(seed, REFERENCE_STREAM, i, k) for i, k in zip(pairs, ks, strict=True)]
+def live_reference(reference):
+    """The reference model a run keeps (None for ``cached`` and for none)."""
+    return None if isinstance(reference, CachedReference) else reference
 
 
 def pair_generators(batch: PairBatch, draws, seed: int):
@@ -128,15 +163,12 @@ def compute_reference_errors(adapter, reference, items: Callable[[list[int]], Pa
     timesteps = None  # integer (DDPM family) or float (flow: sigma * 1000), as the adapter draws
     for pairs in chunks:
         batch = items(pairs)
-        latents = batch_latents(adapter, batch, None)
         for k in range(draws):
-            noisy = adapter.noisy_inputs(latents, draw_generators(seed, pairs, [k] * len(pairs)))
-            with autocast():
-                cond = batch_conditioning(adapter, batch)
-                pred = reference.predict(adapter, noisy, cond, batch)
-            err = per_sample_error(pred, noisy.target).cpu()  # [2b]
-            errors[pairs, k] = torch.stack(err.chunk(2), dim=1)
+            streams = PairDraws(images=[], pairs=draw_generators(seed, pairs, [k] * len(pairs)))
+            out = pair_forward(adapter, batch, streams, reference=reference, policy=False,
+                               autocast=autocast)
+            errors[pairs, k] = torch.stack(out.reference.cpu().chunk(2), dim=1)  # [2b] -> [b, 2]
             if timesteps is None:
-                timesteps = torch.zeros(num_pairs, draws, dtype=noisy.timesteps.dtype)
-            timesteps[pairs, k] = noisy.timesteps[:len(pairs)].cpu()
+                timesteps = torch.zeros(num_pairs, draws, dtype=out.timesteps.dtype)
+            timesteps[pairs, k] = out.timesteps[:len(pairs)].cpu()
     return CachedReferenceErrors(errors=errors, timesteps=timesteps)
