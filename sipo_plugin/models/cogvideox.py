@@ -121,7 +121,7 @@ class CogVideoXAdapter(VideoTransformerAdapter):
     def make_noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
                    ) -> NoisyBatch:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type != "v_prediction":
+        if self.prediction_type not in self.facts.prediction_types:  # v_prediction
             raise ValueError(f"CogVideoX trains v-prediction; the scheduler says "
                              f"'{self.prediction_type}'")
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps)

@@ -46,8 +46,10 @@ class FamilyFacts:
         return not self.is_video
 
 
-# the video VAEs compress time 4x after the first frame; sides: VAE 8x spatial x transformer patch 2
-_VIDEO = {"video_size_multiple": 16, "frame_step": 4}
+# the video VAEs compress time 4x after the first frame (clips of 4k+1 frames); sides: VAE 8x
+# spatial x transformer patch 2
+VIDEO_FRAME_STEP = 4
+_VIDEO = {"video_size_multiple": 16, "frame_step": VIDEO_FRAME_STEP}
 FAMILIES = {
     "sd15": FamilyFacts(("StableDiffusionPipeline",), display_name="SD1.5",
                         base_model_version="sd_v1"),
@@ -89,7 +91,8 @@ def named_model(name: str) -> NamedModel | None:
     return _NAMED_MODELS.get(name)
 
 
-def check_num_frames(num_frames: int, where: str = "num_frames", frame_step: int = 4) -> int:
+def check_num_frames(num_frames: int, where: str = "num_frames",
+                     frame_step: int = VIDEO_FRAME_STEP) -> int:
     """``num_frames`` must be frame_step * k + 1 (4k+1: 1, 5, 9, ..., 49, 81); ValueError (one
     line) otherwise."""
     if num_frames < 1 or (num_frames - 1) % frame_step:

@@ -99,7 +99,7 @@ class WanAdapter(VideoTransformerAdapter):
 
     base_model_version = FAMILIES["wan"].base_model_version
     modelspec_architecture = "wan2.1/lora"  # musubi-tuner's sai_model_spec ARCH_WAN + "/lora"
-    prediction_type = "flow"
+    prediction_type = FAMILIES["wan"].prediction_types[0]  # "flow"
     lora_formats = FAMILIES["wan"].lora_formats  # [export] lora_format
     group_offload_note = ("group_offload: the UMT5 text encoder runs leaf by leaf from CPU memory; "
                           "the trained transformer stays on the GPU (use base_weights_dtype and "

@@ -98,13 +98,13 @@ def reference_and_caches(config: Config) -> None:
         raise ConfigError(f"{where}: cache_text_encoder_outputs needs a frozen text encoder; set "
                           "train_text_encoder = false or cache_text_encoder_outputs = false")
     caches_latents = d.cache_latents or d.cache_latents_to_disk
-    if caches_latents and getattr(d, "flip_aug", False):
+    if caches_latents and d.flip_aug:
         raise ConfigError(f"{where}: flip_aug cannot be used with cache_latents (the cache holds one "
                           "orientation); set flip_aug = false or cache_latents = false")
     if t.reference == "cached" and not caches_latents:
         raise ConfigError(f"{where}: reference = \"cached\" needs cache_latents = true (the cached "
                           "errors are for fixed latents)")
-    if t.reference == "cached" and getattr(d, "caption_dropout_rate", 0.0) > 0:
+    if t.reference == "cached" and d.caption_dropout_rate > 0:
         raise ConfigError(f"{where}: reference = \"cached\" cannot be used with caption_dropout_rate > 0 "
                           "(the cached errors are for the full caption); set caption_dropout_rate = 0")
     _skip_masked_timesteps(config)
