@@ -122,7 +122,7 @@ def run_one(spec: StressSpec) -> dict:
     from sipo_plugin.utils.io import atomic_write_text
 
     torch.set_num_threads(1)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     config = run_config(spec)
     result, error, recorder, curve = ob.train_and_evaluate(spec, config)
     final = curve[max(curve)] if curve else {}
@@ -142,6 +142,7 @@ def run_one(spec: StressSpec) -> dict:
         "loss_by_step": recorder.losses, "grad_norm_by_step": norms,
         "nonfinite": nonfinite, "error": error, "collapsed": bool(reasons),
         "collapse_reasons": reasons, "wall_s": round(time.time() - start, 1),
+        "cpu_s": round(time.process_time() - cpu_start, 1),
         "last_metrics": {k: result.last_metrics.get(k) for k in LAST_METRICS} if result else {},
     }
     spec.result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +190,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "grad_norm_max": ob.spread([r["grad_norm"]["max"] for r in runs]),
             "loss_max": ob.spread([r["loss"]["max"] for r in runs]),
             "wall_s": ob.spread([r["wall_s"] for r in runs]),
+            "cpu_s": ob.spread([r.get("cpu_s", math.nan) for r in runs]),
         })
     order = list(VARIANTS)
     out.sort(key=lambda c: (c["data"], c["learning_rate"], c["beta"], c["max_grad_norm"],
