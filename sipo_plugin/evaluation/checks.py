@@ -41,5 +41,5 @@ def check_pairs_and_evaluation(config) -> None:
     if min(e.eval_samples, e.eval_curve_samples) < 1 or e.evaluate_every_n_steps < 0:
         raise ValueError("'eval_samples' and 'eval_curve_samples' must be >= 1, "
                          "'evaluate_every_n_steps' >= 0")
-    if evaluates and not (e.eval_rewards or p.rewards):
+    if evaluates and not (e.eval_rewards or p.rewards or config.online.online_rewards):
         raise ValueError("evaluation needs rewards: set eval_rewards (or [pairs] rewards)")

@@ -42,7 +42,7 @@ def paired_stats(base: torch.Tensor, tuned: torch.Tensor) -> dict:
 
 
 def reward_specs(config) -> list[str]:
-    return list(config.evaluate.eval_rewards or config.pairs.rewards)
+    return list(config.evaluate.eval_rewards or config.pairs.rewards or config.online.online_rewards)
 
 
 def build_rewards(specs: list[str], device) -> dict:
@@ -62,8 +62,8 @@ def score(reward, samples: list[Sample], prompts: list[str]) -> torch.Tensor:
 def evaluation_prompts(config) -> list[PromptEntry]:
     """eval_prompts, or the training prompts (only the held-out ones with eval_holdout > 0)."""
     e = config.evaluate
-    if e.eval_prompts:
-        return read_prompts(e.eval_prompts)
+    if e.eval_prompts or config.online.enabled:
+        return read_prompts(e.eval_prompts or config.online.online_prompts)
     from ..data import read_pairs
     from .holdout import split_holdout
     records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)

@@ -104,9 +104,10 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> d
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, trained: dict[str, torch.Tensor],
-                    optimizer_state: dict, info: dict) -> Path:
+                    optimizer_state: dict, info: dict, write_extra=None) -> Path:
     """Write checkpoint ``step`` atomically. ``info``: the JSON part (run_id, lr_scheduler,
-    objective_name, objective_hyperparameters, config, data)."""
+    objective_name, objective_hyperparameters, config, data); ``write_extra(folder)`` adds files
+    (an online run's pool, training/online.py)."""
     path = checkpoint_path(output_dir, step)
     optimizer_tensors, optimizer_rest = flatten_optimizer_state(optimizer_state)
     state = {"format": FORMAT, "step": step, **info, "optimizer": optimizer_rest}
@@ -118,6 +119,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trained: dict[str, tor
         save_file({k: v.detach().to("cpu").contiguous() for k, v in trained.items()},
                   str(staging / TRAINED_FILE))
         save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
+        if write_extra is not None:
+            write_extra(staging)
         (staging / STATE_FILE).write_text(text + "\n", encoding="utf-8")  # last: it marks completion
     return path
 

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .online_config import OnlineConfig
+
 OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "Lion8bit")
 TRACKERS = ("none", "tensorboard", "wandb")
 REFERENCE_MODES = ("auto", "base", "initial", "frozen_copy", "cached")
@@ -312,6 +314,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     source: str = "<defaults>"  # the preset file, for messages and metadata
 
     def to_dict(self) -> dict:
@@ -326,4 +329,4 @@ class Config:
 
 
 SECTIONS = ("model", "data", "network", "objective", "training", "export", "sampling", "pairs",
-            "evaluate")
+            "evaluate", "online")

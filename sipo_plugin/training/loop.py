@@ -29,7 +29,8 @@ from ..models import get_model_adapter
 from ..models.base import ModelAdapter
 from ..utils.seeding import seeded_generator  # noqa: F401  (re-exported: tests key draws with it)
 from .calibration import (calibration_pairs, first_timestep_for_run,  # noqa: F401 (re-exported)
-                          objective_for_run, run_calibration_sample, timestep_share)
+                          calibration_sample, objective_for_run, run_calibration_sample,
+                          timestep_share)
 from .checkpoint import load_checkpoint, resolve_resume
 from .config import Config
 from .forward import PairDraws, batch_draws, pair_forward
@@ -39,6 +40,8 @@ from .memory import (build_optimizer, cast_trainable_to_bf16, compile_trained_ne
                      enable_gradient_checkpointing, enable_xformers, optimizer_name, param_groups)
 from .metrics import MetricsLogger
 from .nonfinite import LossWatch, NonFiniteLossError, check_base_weights  # noqa: F401 (re-exported)
+from .online import OnlineSource, calibration_needed
+from .online_config import reads_train_data
 from .stopping import remove_stale_temp_files
 from .sampling import save_samples
 from .run_folder import folder_run_id
@@ -191,11 +194,12 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     start = checkpoint["step"] if checkpoint else 0
 
-    records = read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
+    records = (read_pairs(config.data.train_data, caption_extension=config.data.caption_extension)
+               if reads_train_data(config) else [])  # online without offline_mix: the pool only
     records = training_records(config, records)  # without the prompts held out for evaluation
     records = use_saved_latents(  # candidates' latents instead of a VAE encode, when they fit
         config, records, tqdm.write if accelerator.is_main_process else None)
-    if len(records) < t.train_batch_size:
+    if len(records) < t.train_batch_size and reads_train_data(config):
         raise ValueError(f"{config.data.train_data}: {len(records)} pairs, fewer than "
                          f"train_batch_size = {t.train_batch_size}")
     if t.max_train_epochs:
@@ -214,9 +218,13 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     reference = make_reference(config, adapter, log)  # before training: a frozen copy is the base
     params = adapter.add_trainable(config.network)
     stores = prepare_caches(config, adapter, records, accelerator, log)
+    online = (OnlineSource.start(config, adapter, accelerator, log, resume_from, start)
+              if config.online.enabled else None)  # the pool: refresh 0, or the checkpoint's
     # the adapter starts as an exact no-op (lora_up = 0), so calibration sees the reference
     sample = (run_calibration_sample(config, adapter, records, reference, stores)
               if t.skip_masked_timesteps else None)  # (deterministic: the same on resume)
+    if online is not None and checkpoint is None and calibration_needed(config):
+        sample = calibration_sample(adapter, online.calibration_batches(), t.seed, reference)
     objective = objective_for_run(config, adapter, records, checkpoint, log, reference, stores,
                                   sample)
     adapter.first_timestep = first_timestep_for_run(config, objective, adapter, sample, log)
@@ -241,17 +249,23 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     micro = t.gradient_accumulation_steps
     # every process takes every n-th micro-batch of one stream (accelerate's batch-sampler shards)
     stream = micro * accelerator.num_processes
-    loader = make_dataloader(config, records, total=t.max_train_steps * stream, start=start * stream,
-                             stores=stores)
+    loader = (make_dataloader(config, records, total=t.max_train_steps * stream,
+                              start=start * stream, stores=stores) if records else None)
     # the modules stay unwrapped (the adapter switches their LoRA on and off); with several
     # processes, train_step averages the gradients itself
-    optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
+    if online is None:
+        optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
+    else:  # online batches are sharded by OnlineSource itself (pool and offline pairs alike)
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        loader = online.batches(start, offline=loader)
 
     log.info(f"training {sum(p.numel() for p in params):,} {config.network.finetune} parameters with '{objective.name}' "
              f"for {t.max_train_steps} steps, {t.train_batch_size} pairs x {micro} accumulation")
     progress = tqdm(total=t.max_train_steps, initial=start, desc=objective.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     step, micro_step = start, 0
+    if online is not None:
+        online.bar = progress
     so_far.update(adapter=adapter, objective=objective, accelerator=accelerator, steps=start,
                   start=start, num_pairs=len(records), started_at=started_at,
                   metrics_log=output_dir / "metrics.jsonl", optimizer=optimizer_used,
@@ -284,7 +298,8 @@ def _train(config: Config, so_far: dict) -> TrainResult:
         if t.save_every_n_steps and (step % t.save_every_n_steps == 0 or step == t.max_train_steps):
             watch.check(step, {})  # never save weights a non-finite loss has reached
             if accelerator.is_main_process:
-                save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run)
+                save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run,
+                                    write_extra=online.pool.save if online is not None else None)
     watch.check(step, log.last)
     adapter.first_timestep = 0  # evaluation and analysis draw every timestep
     progress.close()

@@ -63,7 +63,7 @@ def start_run(config: Config, checkpoint: dict | None, resume_from: Path | None,
 
 
 def save_training_state(config: Config, step: int, adapter, objective, optimizer, lr_scheduler,
-                        run: RunIdentity) -> Path:
+                        run: RunIdentity, write_extra=None) -> Path:
     """Checkpoint ``step`` (see checkpoint.py) and, for a LoRA, <output_name>-<step:06d> in the
     run's LoRA format (sd-scripts' every-N-steps name); then prune this run's older ones."""
     t = config.training
@@ -72,7 +72,8 @@ def save_training_state(config: Config, step: int, adapter, objective, optimizer
                                "run_id": run.run_id, "lr_scheduler": lr_scheduler.state_dict(),
                                "objective_name": objective.name,
                                "objective_hyperparameters": objective.hyperparameters(),
-                               "config": config.to_dict(), "data": run.data})
+                               "config": config.to_dict(), "data": run.data},
+                           write_extra=write_extra)
     prune_checkpoints(t.output_dir, run.run_id, t.save_last_n)
     if config.network.finetune == "lora":
         state = TrainResult(adapter=adapter, objective=objective, accelerator=None, steps=step,

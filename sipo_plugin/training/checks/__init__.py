@@ -14,7 +14,8 @@ from .files import data_problems, model_family_problems, model_folder  # noqa: F
 # in the order their problems are listed
 CONFIG_RULES = (settings.ranges, settings.choices, family.family, files.paths,
                 settings.reference_and_caches, settings.network_start_and_layers,
-                settings.buckets_and_augmentation, settings.sampling, settings.objective)
+                settings.buckets_and_augmentation, settings.sampling, settings.objective,
+                settings.online)
 
 
 def config_problems(config: Config) -> list[str]:

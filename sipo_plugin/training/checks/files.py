@@ -16,6 +16,7 @@ from ...data.errors import PairDataError
 from ...data.readers import read_pairs
 from ...models.families import FAMILIES, family_of_pipeline, folder_pipeline_class, named_model
 from ..config_schema import Config, ConfigError
+from ..online_config import reads_train_data
 
 
 def model_folder(config: Config) -> Path | None:
@@ -58,6 +59,8 @@ def data_problems(config: Config, *, deep: bool = False) -> list[str]:
     d, t = config.data, config.training
     if config.pairs.pairs_prompts and not Path(d.train_data).exists():
         return []
+    if not reads_train_data(config):  # online without offline_mix: no pair data to check
+        return []
     try:
         records = read_pairs(d.train_data, caption_extension=d.caption_extension, log=None)
     except PairDataError as err:
@@ -81,9 +84,9 @@ def paths(config: Config) -> None:
                         "pretrained_model_name_or_path to a diffusers folder or .safetensors file)")
     if m.model_config and not Path(m.model_config).is_dir():
         problems.append(f"{where}: model_config folder not found: {m.model_config}")
-    if not d.train_data:
+    if not d.train_data and not config.online.enabled:
         problems.append(f"{where}: set [data] train_data to a pair folder or a .jsonl/.csv manifest")
-    elif not config.pairs.pairs_prompts and not Path(d.train_data).exists():
+    elif d.train_data and not config.pairs.pairs_prompts and not Path(d.train_data).exists():
         problems.append(f"{where}: train_data not found: {d.train_data} "
                         "(a folder with w/ and l/, or a .jsonl/.csv manifest)")
     if problems:

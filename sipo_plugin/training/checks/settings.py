@@ -12,6 +12,7 @@ from ...objectives.catalog import check_objective
 from ..config_parsing import closest
 from ..config_schema import (OPTIMIZER_TYPES, REFERENCE_MODES, SAVE_PRECISIONS, SEED_MAX, TRACKERS,
                              Config, ConfigError)
+from ..online_config import online_problems
 from .files import network_weights_problem, reference_device_problem
 
 
@@ -187,3 +188,10 @@ def objective(config: Config) -> None:
     except (KeyError, ValueError, TypeError) as err:
         message = err.args[0] if err.args else str(err)
         raise ConfigError(f"{config.source}: [objective] {message}") from None
+
+
+def online(config: Config) -> None:
+    """[online]: training on pairs refreshed from the policy (training/online_config.py)."""
+    problems = online_problems(config)
+    if problems:
+        raise ConfigError([f"{config.source}: {p}" for p in problems])
