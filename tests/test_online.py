@@ -237,3 +237,35 @@ def test_two_online_processes_match_one_process_with_the_doubled_batch(tmp_path)
     ups = [k for k in one if k.endswith("lora_up.weight")]
     assert max(one[k].abs().max().item() for k in ups) > 10 * TWO_PROCESS_TOLERANCE
     assert max((one[k] - two[k]).abs().max().item() for k in one) < TWO_PROCESS_TOLERANCE
+
+
+def test_check_of_an_online_preset_without_train_data_passes(tmp_path, capsys):
+    assert train_sipo.main(["--check", *online_args(tmp_path)]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def mean_red(images, prompts):
+    return [float(np.asarray(image)[..., 0].mean()) for image in images]
+
+
+def test_an_online_sdxl_run_trains_on_the_sampled_latents(tmp_path):
+    """Another family: SDXL's size conditioning comes from the latents' size (no pixels)."""
+    from tiny_sdxl import save_tiny_sdxl
+    from sipo_plugin.training.loop import train
+    model = save_tiny_sdxl(tmp_path / "sdxl")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "run"
+    result = train(online_config(out, "--family", "sdxl", "--pretrained_model_name_or_path",
+                                 str(model), "--resolution", "16", "--max_train_steps", "2",
+                                 "--online_prompts", str(prompts), "--objective", "diffusion-dpo",
+                                 "--prompts_per_refresh", "4", "--candidates_per_prompt", "3",
+                                 "--online_rewards", '["test_online:mean_red"]'))
+    assert result.steps == 2 and events(out, "online_refresh")[0]["candidates"] == 12
+    ups = [v for k, v in lora_items(result.adapter) if "lora_B" in k]
+    assert ups and max(v.abs().max().item() for v in ups) > 0
+
+
+def lora_items(adapter):
+    from sipo_plugin.training.loop import lora_state
+    return lora_state(adapter).items()
