@@ -91,6 +91,7 @@ class RunSpec:
     out: str
     base_images: str
     settings: Settings
+    extra: tuple[str, ...] = ()  # more command-line overrides (benchmarks/online.py: [online])
 
     @property
     def result_path(self) -> Path:
@@ -179,7 +180,8 @@ def run_config(spec: RunSpec):
         "--max_train_steps", str(s.steps), "--train_batch_size", str(s.batch),
         "--logging_steps", str(s.steps), "--eval_samples", str(s.eval_samples),
         "--overwrite", "true",  # a rerun (after an interruption) replaces the unfinished run
-        *objective_overrides(spec.variant, spec.beta), *TRAINING_OVERRIDES.get(spec.variant, [])]
+        *objective_overrides(spec.variant, spec.beta), *TRAINING_OVERRIDES.get(spec.variant, []),
+        *spec.extra]
     return load_config(None, overrides)
 
 
@@ -219,12 +221,14 @@ def train_and_evaluate(spec, config):
     original = loop.train_step
     loop.train_step = recorder.wrap(original)
     error = ""
+    trained_at = time.time()
     try:
         result = loop.train(config)
     except loop.NonFiniteLossError as err:
         result, error = None, str(err)
     finally:
         loop.train_step = original
+    train_s = time.time() - trained_at
     curve = evaluate_snapshots(spec, config, result, recorder.snapshots) if result else {}
     return result, error, recorder, curve
 
@@ -251,7 +255,7 @@ def run_one(spec: RunSpec) -> dict:
         "loss_by_step": recorder.losses, "grad_norm_by_step": recorder.grad_norms,
         "nonfinite": nonfinite, "error": error,
         "collapsed": nonfinite or not fid_drop <= spec.settings.fidelity_drop,
-        "wall_s": round(time.time() - start, 1),
+        "wall_s": round(time.time() - start, 1), "train_s": round(train_s, 1),
         "mask_fraction": result.last_metrics.get("train/mask_fraction") if result else None,
         "first_timestep": first_timestep(config),
     }

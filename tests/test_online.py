@@ -269,3 +269,16 @@ def test_an_online_sdxl_run_trains_on_the_sampled_latents(tmp_path):
 def lora_items(adapter):
     from sipo_plugin.training.loop import lora_state
     return lora_state(adapter).items()
+
+
+def test_offline_mix_trains_a_share_of_the_steps_on_train_data(tmp_path, manifest):
+    from sipo_plugin.training.loop import train
+    from sipo_plugin.training.online import MIX_KEY
+    from sipo_plugin.utils.seeding import seeded_generator
+    out = tmp_path / "run"
+    result = train(online_config(out, "--train_data", str(manifest), "--offline_mix", "0.5",
+                                 "--objective", "diffusion-dpo", "--seed", "3"))
+    expected = sum(torch.rand(1, generator=seeded_generator(3, step, MIX_KEY)).item() < 0.5
+                   for step in range(6))
+    assert 0 < expected < 6  # this seed mixes both kinds of step
+    assert result.steps == 6 and events(out, "online_train")[0]["offline_steps"] == expected

@@ -200,6 +200,7 @@ class OnlineSource:
         self.bar = None  # the loop's progress bar: each refresh shows its costs in its title
         self.last_refresh_at = None
         self.history: list[RefreshReport] = []
+        self.offline_steps = 0  # steps (of this session) trained on train_data's pairs
 
     @classmethod
     def start(cls, config, adapter, accelerator, log, resume_from: Path | None, start: int):
@@ -308,7 +309,8 @@ class OnlineSource:
     def finish(self) -> None:
         """The training time since the last refresh (the run's last interval), and a summary."""
         if self.last_refresh_at is not None:
-            self.log.event("online_train", train_s=round(time.perf_counter() - self.last_refresh_at, 3))
+            self.log.event("online_train", offline_steps=self.offline_steps,
+                           train_s=round(time.perf_counter() - self.last_refresh_at, 3))
         self.log.info(f"online: {costs_summary(self.history)}; the pool holds {len(self.pool)} pairs")
 
     # -- batches ----------------------------------------------------------------------------
@@ -327,6 +329,7 @@ class OnlineSource:
             offline_indices = ([next(offline_order) for _ in range(per_step)]
                                if offline_order is not None else None)
             if offline_indices is not None and self.offline_step(step):
+                self.offline_steps += 1
                 for m in range(micro):
                     chosen = offline_indices[m * processes + rank]
                     yield offline.collate_fn([offline.dataset[key] for key in chosen])
