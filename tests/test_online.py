@@ -72,10 +72,10 @@ def test_the_pool_keeps_the_most_recent_pairs_and_lays_batches_out_winners_first
     assert len(pool) == 5 and pool.next_id == 7
     assert pool.pair_ids.tolist() == [2, 3, 4, 5, 6] and pool.prompts == ["p2", "p3", "p4", "p5", "p6"]
     batch = pool.batch([4, 0])
-    assert batch["latents"].shape == (4, 4, 2, 2)
-    assert batch["latents"][:, 0, 0, 0].tolist() == [6.0, 2.0, -6.0, -2.0]  # winners, then losers
-    assert batch["prompts"] == ["p6", "p2"] and batch["indices"].tolist() == [6, 2]
-    assert batch["weights"].tolist() == [1.0, 1.0]
+    assert batch.latents.shape == (4, 4, 2, 2) and batch.pixel_values is None
+    assert batch.latents[:, 0, 0, 0].tolist() == [6.0, 2.0, -6.0, -2.0]  # winners, then losers
+    assert batch.prompts == ["p6", "p2"] and batch.indices.tolist() == [6, 2]
+    assert batch.weights.tolist() == [1.0, 1.0]
     pool.add(*_pairs(7, 0))  # a refresh without pairs changes nothing
     assert pool.next_id == 7
 

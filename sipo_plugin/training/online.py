@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.batch import PairBatch
 from ..utils.seeding import seeded_generator
 
 POOL_TENSORS, POOL_JSON = "online_pool.safetensors", "online_pool.json"
@@ -77,14 +78,14 @@ class PairPool:
         self.pair_ids = _append(self.pair_ids, ids)[keep]
         self.prompts = (self.prompts + list(prompts))[keep]
 
-    def batch(self, positions: list[int]) -> dict:
-        """The pairs at ``positions`` in the training batch layout: latents [2B, ...] (winners
-        first), prompts [B], weights [B] (ones), indices [B] (pair ids)."""
+    def batch(self, positions: list[int]) -> PairBatch:
+        """The pairs at ``positions``: latents [2B, ...] (winners first), prompts [B], weights [B]
+        (ones), indices [B] (pair ids)."""
         index = torch.tensor(positions, dtype=torch.int64)
-        return {"latents": torch.cat([self.chosen[index], self.rejected[index]]),
-                "prompts": [self.prompts[i] for i in positions],
-                "weights": torch.ones(len(positions), dtype=torch.float32),
-                "indices": self.pair_ids[index]}
+        return PairBatch(latents=torch.cat([self.chosen[index], self.rejected[index]]),
+                         prompts=[self.prompts[i] for i in positions],
+                         weights=torch.ones(len(positions), dtype=torch.float32),
+                         indices=self.pair_ids[index])
 
     def save(self, folder: Path) -> None:
         """Into a checkpoint folder being written: tensors in safetensors, the rest in JSON."""
@@ -322,6 +323,7 @@ class OnlineSource:
         t, o = self.config.training, self.config.online
         micro, processes = t.gradient_accumulation_steps, self.accelerator.num_processes
         rank, per_step = self.accelerator.process_index, micro * processes
+        device = self.accelerator.device
         offline_order = iter(offline.batch_sampler) if offline is not None else None
         for step in range(start, t.max_train_steps):
             if step % o.refresh_every_n_steps == 0 and step > 0:
@@ -332,12 +334,12 @@ class OnlineSource:
                 self.offline_steps += 1
                 for m in range(micro):
                     chosen = offline_indices[m * processes + rank]
-                    yield offline.collate_fn([offline.dataset[key] for key in chosen])
+                    yield offline.collate_fn([offline.dataset[key] for key in chosen]).to(device)
                 continue
             order = pool_order(len(self.pool), per_step * t.train_batch_size, t.seed, step)
             for m in range(micro):
                 j, b = m * processes + rank, t.train_batch_size
-                yield self.pool.batch(order[j * b:(j + 1) * b])
+                yield self.pool.batch(order[j * b:(j + 1) * b]).to(device)
         self.finish()
 
     def offline_step(self, step: int) -> bool:
