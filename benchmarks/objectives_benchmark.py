@@ -140,6 +140,7 @@ class StepRecorder:
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         self.snapshots: dict[int, dict] = {}
+        self.train_s = 0.0  # seconds in loop.train (set by train_and_evaluate)
 
     def wrap(self, train_step):
         from accelerate import Accelerator
@@ -228,7 +229,7 @@ def train_and_evaluate(spec, config):
         result, error = None, str(err)
     finally:
         loop.train_step = original
-    train_s = time.time() - trained_at
+    recorder.train_s = time.time() - trained_at  # training only (online: with its sampling)
     curve = evaluate_snapshots(spec, config, result, recorder.snapshots) if result else {}
     return result, error, recorder, curve
 
@@ -255,7 +256,7 @@ def run_one(spec: RunSpec) -> dict:
         "loss_by_step": recorder.losses, "grad_norm_by_step": recorder.grad_norms,
         "nonfinite": nonfinite, "error": error,
         "collapsed": nonfinite or not fid_drop <= spec.settings.fidelity_drop,
-        "wall_s": round(time.time() - start, 1), "train_s": round(train_s, 1),
+        "wall_s": round(time.time() - start, 1), "train_s": round(recorder.train_s, 1),
         "mask_fraction": result.last_metrics.get("train/mask_fraction") if result else None,
         "first_timestep": first_timestep(config),
     }

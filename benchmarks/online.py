@@ -35,10 +35,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from benchmarks import objectives_benchmark as ob  # noqa: E402
+import objectives_benchmark as ob  # noqa: E402  (the toy benchmark's runs, inputs and statistics)
 
 OBJECTIVES = ("diffusion-dpo", "dpo-cm", "sipo")
 OFFLINE = ("offline_on_policy", "offline_off_policy")
