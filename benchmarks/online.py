@@ -74,10 +74,10 @@ def offline_pairs(cache: Path, data: str, s: ob.Settings) -> tuple[Path, float]:
 def build_specs(args, s: ob.Settings, base_images: Path) -> tuple[list[ob.RunSpec], dict]:
     """Every (seed, data, objective) run, whole seeds first; and each offline kind's pair cost."""
     inputs, pair_cost = {}, {}
-    for data in OFFLINE:
+    for data in (d for d in OFFLINE if d in args.data):
         manifest, seconds = offline_pairs(args.cache, data, s)
         inputs[data], pair_cost[data] = (str(manifest), ()), seconds
-    for refresh in args.refresh:
+    for refresh in args.refresh if "online" in args.data else []:
         inputs[f"online_every_{refresh}"] = ("", online_overrides(refresh, s))
     specs = [ob.RunSpec(data, objective, args.beta, seed, pairs, str(args.runs), str(base_images),
                         s, extra)
@@ -103,7 +103,7 @@ def markdown_table(cells: list[dict]) -> str:
     lines = ["| objective | pairs | reward gain | win rate | fidelity (base → tuned) | wall s | "
              "gain per wall-s (x1000) | vs offline on-policy |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    reference = {c["variant"]: c for c in cells if c["data"] == REFERENCE}
+    reference = {c["variant"]: c for c in cells if c["data"] == REFERENCE}  # (absent: no verdict)
     for objective in OBJECTIVES:
         for c in sorted((c for c in cells if c["variant"] == objective), key=data_order):
             per_s = c["gain_per_s"]
@@ -170,6 +170,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--num-pairs", type=int, default=d.num_pairs)
     p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--data", nargs="+", choices=(*OFFLINE, "online"),
+                   default=[*OFFLINE, "online"], help="the data kinds run ('online': both intervals)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
