@@ -33,6 +33,7 @@ from .calibration import (calibration_pairs, first_timestep_for_run,  # noqa: F4
                           timestep_share)
 from .checkpoint import load_checkpoint, resolve_resume
 from .config import Config
+from .distributed import make_accelerator, prepare_training, sync_modules
 from .forward import PairDraws, batch_draws, pair_forward
 from .precompute import prepare_caches
 from .reference import AdapterOffReference, live_reference, make_reference
@@ -78,7 +79,7 @@ def train_step(batch: PairBatch, adapter: ModelAdapter, objective, accelerator: 
     (training/reference.py; None: the LoRA's adapter-off base); an objective that needs no
     reference runs none. Returns the objective's metrics as detached tensors (no host sync;
     ``float()`` reads one). ``loss_scale`` multiplies the loss."""
-    with accelerator.accumulate(*adapter.trainable_modules()):
+    with accelerator.accumulate(*sync_modules(adapter)):
         # policy and reference errors of the 2B samples: training/forward.py
         reference = (reference or AdapterOffReference()) if objective.needs_reference else None
         errors = pair_forward(adapter, batch, draws, reference=reference,
@@ -88,22 +89,13 @@ def train_step(batch: PairBatch, adapter: ModelAdapter, objective, accelerator: 
                                               errors.timesteps[:batch.num_pairs],
                                               adapter.noise_scheduler)
         loss = weighted_pair_loss(out, batch.weights) * loss_scale
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and accelerator.num_processes > 1:
-            average_gradients(params, accelerator)
+        accelerator.backward(loss)  # several processes: DDP / FSDP / DeepSpeed sync the gradients
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return {**out.metrics, "loss": out.metrics["loss"] * loss_scale}
-
-
-def average_gradients(params, accelerator: Accelerator) -> None:
-    """Data parallel: every process ends the step with the mean gradient over all processes."""
-    for p in params:
-        if p.grad is not None:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def weighted_pair_loss(out, weights: torch.Tensor) -> torch.Tensor:
@@ -183,10 +175,7 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     # a process may run several trainings (tests, benchmarks): accelerate's state is a singleton
     # that refuses a new mixed-precision setting, so drop it (the distributed setup is kept)
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=use_cpu(t),
-                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              log_with=None if t.log_with == "none" else t.log_with,
-                              project_dir=str(output_dir))
+    accelerator = make_accelerator(t, cpu=use_cpu(t), project_dir=str(output_dir))
     set_seed(t.seed)
     if accelerator.is_main_process:  # a killed run's half-written files (this output_dir only)
         remove_stale_temp_files(output_dir)
@@ -251,13 +240,12 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     stream = micro * accelerator.num_processes
     loader = (make_dataloader(config, records, total=t.max_train_steps * stream,
                               start=start * stream, stores=stores) if records else None)
-    # the modules stay unwrapped (the adapter switches their LoRA on and off); with several
-    # processes, train_step averages the gradients itself
-    if online is None:
-        optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
-    else:  # online batches are sharded by OnlineSource itself (pool and offline pairs alike)
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-        loader = online.batches(start, offline=loader)
+    # several processes: the trained modules too (DDP / FSDP2 / DeepSpeed: training/distributed.py);
+    # online batches are sharded by OnlineSource itself (pool and offline pairs alike)
+    prepared = prepare_training(accelerator, adapter, optimizer,
+                                loader if online is None else None, lr_scheduler)
+    optimizer, lr_scheduler, params = prepared.optimizer, prepared.lr_scheduler, prepared.params
+    loader = prepared.loader if online is None else online.batches(start, offline=loader)
 
     log.info(f"training {sum(p.numel() for p in params):,} {config.network.finetune} parameters with '{objective.name}' "
              f"for {t.max_train_steps} steps, {t.train_batch_size} pairs x {micro} accumulation")
