@@ -192,6 +192,8 @@ def load_checkpoint(path: str | Path) -> dict:
     state = read_state(folder)
     if state is None:
         raise CheckpointError(f"{folder}: not a sipo-plugin checkpoint (no readable checkpoint.json)")
+    if state.get("shards"):  # one file per process (FSDP): each reads its own (sharded.py)
+        return {**state, "lora": None, "optimizer": None}
     try:
         trained = load_file(str(folder / TRAINED_FILE))
         optimizer = unflatten_optimizer_state(load_file(str(folder / OPTIMIZER_FILE)),

@@ -28,17 +28,22 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
-
-FSDP_ON_CPU = "sipo-plugin: FSDP on CPU processes"
-
 
 class DistributedSetupError(ValueError):
     """An accelerate configuration this trainer cannot run; the message says what to change."""
 
 
-def make_accelerator(training, *, cpu: bool, project_dir: str) -> Accelerator:
-    """The run's Accelerator (its DDP settings are completed by ``prepare_training``)."""
+def make_accelerator(config, *, cpu: bool, project_dir: str) -> Accelerator:
+    """The run's Accelerator (its DDP settings are completed by ``prepare_training``); an
+    FSDP or DeepSpeed setting this trainer cannot run is refused here, before anything loads."""
+    training = config.training
+    shared = PartialState._shared_state
+    if cpu and shared.get("distributed_type") == DistributedType.FSDP:
+        shared["distributed_type"] = DistributedType.MULTI_CPU  # a previous FSDP-on-CPU run's
+    if deepspeed_requested():
+        cpu = False  # accelerate ignores DeepSpeed in CPU mode
     accelerator = Accelerator(
         mixed_precision=training.mixed_precision, cpu=cpu,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
@@ -48,7 +53,31 @@ def make_accelerator(training, *, cpu: bool, project_dir: str) -> Accelerator:
         use_fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
         check_fsdp_plugin(accelerator.state.fsdp_plugin)
+        check_fsdp_run(config)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator.state.deepspeed_plugin, config)
     return accelerator
+
+
+def deepspeed_requested() -> bool:
+    """``accelerate launch`` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def configure_deepspeed(plugin, config) -> None:
+    """The DeepSpeed config's "auto" values from the preset: the micro-batch (our loader has a
+    batch sampler, from which accelerate cannot read it) and the clipping norm. DeepSpeed trains
+    one module per engine: a text-encoder LoRA is refused."""
+    t = config.training
+    if config.network.train_text_encoder:
+        raise DistributedSetupError(
+            "DeepSpeed trains one module per engine: set train_text_encoder = false, or use DDP "
+            "or FSDP (configs/ddp.yaml, configs/fsdp2.yaml)")
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = t.train_batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = t.max_grad_norm
 
 
 def fsdp_requested() -> bool:
@@ -62,10 +91,10 @@ def use_fsdp_on_cpu(accelerator: Accelerator) -> None:
     describe: torch's FSDP2 runs on CPU tensors, accelerate's preparation is the same."""
     from accelerate import FullyShardedDataParallelPlugin
     state = accelerator.state
-    plugin = FullyShardedDataParallelPlugin()
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = plugin
-    accelerator.__dict__[FSDP_ON_CPU] = True
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    # every AcceleratorState() copies PartialState's type: both say FSDP (make_accelerator
+    # switches PartialState back for the next run of the process)
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def check_fsdp_plugin(plugin) -> None:
@@ -110,6 +139,9 @@ def prepare_training(accelerator: Accelerator, adapter, optimizer, loader, lr_sc
     # no gradient with clip_skip 2 or SDXL's penultimate states); elsewhere every trained weight
     # is used, and the search would cost a graph walk per step
     accelerator.ddp_handler.find_unused_parameters = adapter.trains_text_encoder
+    if parallelism(accelerator) in ("fsdp", "deepspeed"):  # sharded: gathered after training
+        adapter.unsharded_skeletons = dict(zip(attribute_names(adapter, modules),
+                                               map(meta_skeleton, modules)))
     if accelerator.num_processes == 1:
         optimizer, loader, lr_scheduler = accelerator.prepare(optimizer, loader, lr_scheduler)
         wrapped = list(modules)
@@ -148,3 +180,69 @@ def route_through(wrapper: torch.nn.Module, module: torch.nn.Module) -> None:
             inside[0] = False
 
     module.forward = forward
+
+
+# -- FSDP2: what every process must do together, and the full weights after training --
+
+def check_fsdp_run(config) -> None:
+    """Under FSDP every forward of the sharded model is a collective: what only the main process
+    runs mid-training (sample images, the reward curve) cannot use it."""
+    t, e = config.training, config.evaluate
+    if t.sample_every_n_steps or e.evaluate_every_n_steps:
+        raise DistributedSetupError(
+            "FSDP: sample_every_n_steps and evaluate_every_n_steps need the whole model on the "
+            "main process during training; set them to 0 (the export and eval_after_training "
+            "still run on the gathered weights after training)")
+
+
+def meta_skeleton(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters are on the meta device (no memory): the unsharded
+    module the gathered weights are loaded into after training (buffers are copied as they are)."""
+    import copy
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                      requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def gather_full_weights(accelerator: Accelerator, adapter) -> None:
+    """FSDP2 / DeepSpeed: every process takes part in gathering each prepared module's full
+    weights onto the main process (``accelerator.get_state_dict``: on its CPU); there they are
+    loaded into the unsharded copy made before sharding, which replaces the sharded module in the
+    adapter, so export and evaluation run as with one process. The other processes write nothing."""
+    skeletons = getattr(adapter, "unsharded_skeletons", None)
+    if not skeletons:
+        return
+    for (name, skeleton), prepared in zip(skeletons.items(), adapter.prepared_modules, strict=True):
+        full = accelerator.get_state_dict(prepared)
+        if accelerator.is_main_process:
+            skeleton.load_state_dict(full, assign=True)
+            setattr(adapter, name, skeleton.to(accelerator.device))
+    adapter.unsharded_skeletons = None
+    adapter.prepared_modules = None
+    accelerator.wait_for_everyone()
+
+
+def attribute_names(adapter, modules: list[torch.nn.Module]) -> list[str]:
+    """The adapter attribute holding each module (``unet``, ``text_encoder``, ...)."""
+    names = {id(value): name for name, value in vars(adapter).items()
+             if isinstance(value, torch.nn.Module)}
+    return [names[id(m)] for m in modules]
+
+
+def resume_sharded(checkpoint: dict | None, folder, accelerator: Accelerator, adapter, optimizer
+                   ) -> None:
+    """A sharded (FSDP) checkpoint loads once the run is sharded the same way: each process reads
+    its own slices. An FSDP run and a checkpoint of another kind do not mix (one line says so)."""
+    if checkpoint is None:
+        return
+    sharded_run = parallelism(accelerator) == "fsdp"
+    if bool(checkpoint.get("shards")) != sharded_run:
+        from .checkpoint import CheckpointError
+        kind = "a sharded (FSDP)" if checkpoint.get("shards") else "an unsharded"
+        raise CheckpointError(f"{folder}: {kind} checkpoint; resume it with the kind of run that "
+                              f"wrote it (this run: {parallelism(accelerator)}), or start anew")
+    if sharded_run:
+        from .sharded import load_shard, load_sharded_state
+        shard = load_shard(folder, accelerator.process_index, accelerator.num_processes)
+        load_sharded_state(shard, adapter.trainable_modules(), optimizer)

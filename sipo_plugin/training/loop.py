@@ -33,7 +33,8 @@ from .calibration import (calibration_pairs, first_timestep_for_run,  # noqa: F4
                           timestep_share)
 from .checkpoint import load_checkpoint, resolve_resume
 from .config import Config
-from .distributed import make_accelerator, prepare_training, sync_modules
+from .distributed import (gather_full_weights, make_accelerator, parallelism, prepare_training,
+                          resume_sharded, sync_modules)
 from .forward import PairDraws, batch_draws, pair_forward
 from .precompute import prepare_caches
 from .reference import AdapterOffReference, live_reference, make_reference
@@ -175,7 +176,7 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     # a process may run several trainings (tests, benchmarks): accelerate's state is a singleton
     # that refuses a new mixed-precision setting, so drop it (the distributed setup is kept)
     AcceleratorState._reset_state()
-    accelerator = make_accelerator(t, cpu=use_cpu(t), project_dir=str(output_dir))
+    accelerator = make_accelerator(config, cpu=use_cpu(t), project_dir=str(output_dir))
     set_seed(t.seed)
     if accelerator.is_main_process:  # a killed run's half-written files (this output_dir only)
         remove_stale_temp_files(output_dir)
@@ -231,8 +232,9 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     optimizer_used = optimizer_name(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, t, accelerator.num_processes)
     if checkpoint is not None:
-        load_lora_state(adapter, checkpoint["lora"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if not checkpoint.get("shards"):  # a sharded (FSDP) one loads once sharded, below
+            load_lora_state(adapter, checkpoint["lora"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         log.info(f"resumed from {resume_from} at step {start}")
     micro = t.gradient_accumulation_steps
@@ -246,6 +248,7 @@ def _train(config: Config, so_far: dict) -> TrainResult:
                                 loader if online is None else None, lr_scheduler)
     optimizer, lr_scheduler, params = prepared.optimizer, prepared.lr_scheduler, prepared.params
     loader = prepared.loader if online is None else online.batches(start, offline=loader)
+    resume_sharded(checkpoint, resume_from, accelerator, adapter, optimizer)
 
     log.info(f"training {sum(p.numel() for p in params):,} {config.network.finetune} parameters with '{objective.name}' "
              f"for {t.max_train_steps} steps, {t.train_batch_size} pairs x {micro} accumulation")
@@ -285,10 +288,12 @@ def _train(config: Config, so_far: dict) -> TrainResult:
         evaluation.after_step(step)
         if t.save_every_n_steps and (step % t.save_every_n_steps == 0 or step == t.max_train_steps):
             watch.check(step, {})  # never save weights a non-finite loss has reached
-            if accelerator.is_main_process:
+            if accelerator.is_main_process or parallelism(accelerator) == "fsdp":  # every shard
                 save_training_state(config, step, adapter, objective, optimizer, lr_scheduler, run,
-                                    write_extra=online.pool.save if online is not None else None)
+                                    write_extra=online.pool.save if online is not None else None,
+                                    accelerator=accelerator)
     watch.check(step, log.last)
+    gather_full_weights(accelerator, adapter)  # FSDP / DeepSpeed: onto the main process
     adapter.first_timestep = 0  # evaluation and analysis draw every timestep
     progress.close()
     log.close()

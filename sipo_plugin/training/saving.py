@@ -63,16 +63,28 @@ def start_run(config: Config, checkpoint: dict | None, resume_from: Path | None,
 
 
 def save_training_state(config: Config, step: int, adapter, objective, optimizer, lr_scheduler,
-                        run: RunIdentity, write_extra=None) -> Path:
+                        run: RunIdentity, write_extra=None, accelerator=None) -> Path:
     """Checkpoint ``step`` (see checkpoint.py) and, for a LoRA, <output_name>-<step:06d> in the
-    run's LoRA format (sd-scripts' every-N-steps name); then prune this run's older ones."""
+    run's LoRA format (sd-scripts' every-N-steps name); then prune this run's older ones. Under
+    FSDP every process calls it and writes its shard (sharded.py); no step LoRA is written (its
+    weights are sharded)."""
+    from .distributed import parallelism
     t = config.training
+    info = {"run_id": run.run_id, "lr_scheduler": lr_scheduler.state_dict(),
+            "objective_name": objective.name,
+            "objective_hyperparameters": objective.hyperparameters(),
+            "config": config.to_dict(), "data": run.data}
+    if accelerator is not None and parallelism(accelerator) == "fsdp":
+        from .sharded import save_sharded_checkpoint, trained_parameters
+        path = save_sharded_checkpoint(t.output_dir, step,
+                                       trained=trained_parameters(adapter.trainable_modules()),
+                                       optimizer_state=optimizer.state_dict(), info=info,
+                                       accelerator=accelerator)
+        if accelerator.is_main_process:
+            prune_checkpoints(t.output_dir, run.run_id, t.save_last_n)
+        return path
     path = save_checkpoint(t.output_dir, step, trained=lora_state(adapter),
-                           optimizer_state=optimizer.state_dict(), info={
-                               "run_id": run.run_id, "lr_scheduler": lr_scheduler.state_dict(),
-                               "objective_name": objective.name,
-                               "objective_hyperparameters": objective.hyperparameters(),
-                               "config": config.to_dict(), "data": run.data},
+                           optimizer_state=optimizer.state_dict(), info=info,
                            write_extra=write_extra)
     prune_checkpoints(t.output_dir, run.run_id, t.save_last_n)
     if config.network.finetune == "lora":
