@@ -174,3 +174,102 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint(runs):
     run["args"] += ["--resume", "latest"]
     finish(launch(2, [run], folder))
     assert_same_weights(trained_weights(folder / "one-fsdp-lora"), trained_weights(out))
+
+
+# -- what runs without launching processes --
+
+def test_route_through_sends_grad_calls_through_the_wrapper_and_no_grad_calls_past_it():
+    import torch
+
+    from sipo_plugin.training.distributed import route_through
+
+    class CountingWrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.module(x)
+
+    module = torch.nn.Linear(2, 2)
+    wrapper = CountingWrapper(module)
+    route_through(wrapper, module)
+    x = torch.ones(1, 2)
+    expected = torch.nn.functional.linear(x, module.weight, module.bias)
+    assert torch.equal(module(x), expected) and wrapper.calls == 1  # once: no recursion
+    with torch.no_grad():
+        assert torch.equal(module(x), expected) and wrapper.calls == 1
+
+
+def test_fsdp1_and_mid_run_sampling_under_fsdp_are_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from sipo_plugin.training.distributed import (DistributedSetupError, check_fsdp_plugin,
+                                                  check_fsdp_run)
+    with pytest.raises(DistributedSetupError, match="fsdp_version: 2"):
+        check_fsdp_plugin(SimpleNamespace(fsdp_version=1))
+    check_fsdp_plugin(SimpleNamespace(fsdp_version=2))
+    config = SimpleNamespace(training=SimpleNamespace(sample_every_n_steps=5),
+                             evaluate=SimpleNamespace(evaluate_every_n_steps=0))
+    with pytest.raises(DistributedSetupError, match="sample_every_n_steps"):
+        check_fsdp_run(config)
+    config.training.sample_every_n_steps = 0
+    check_fsdp_run(config)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_parse_and_take_the_preset_values(stage):
+    """The shipped configs as ``accelerate launch`` reads them; the "auto" values the trainer
+    fills from the preset; a text-encoder LoRA refused (one engine, one module)."""
+    from types import SimpleNamespace
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    from sipo_plugin.training.distributed import DistributedSetupError, configure_deepspeed
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(ROOT / "configs" / f"deepspeed_zero{stage}.yaml"), "train_sipo.py"])
+    args = _validate_launch_command(args)[0]
+    assert args.use_deepspeed and int(args.zero_stage) == stage and args.num_processes == 2
+    assert stage == 2 or args.zero3_save_16bit_model in (True, "true")
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto",
+                                               "gradient_clipping": "auto"})
+    config = SimpleNamespace(training=SimpleNamespace(train_batch_size=3, max_grad_norm=0.5),
+                             network=SimpleNamespace(train_text_encoder=False))
+    configure_deepspeed(plugin, config)
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 3,
+                                       "gradient_clipping": 0.5}
+    config.network.train_text_encoder = True
+    with pytest.raises(DistributedSetupError, match="train_text_encoder"):
+        configure_deepspeed(plugin, config)
+
+
+def test_fsdp2_config_gives_the_processes_fsdp_version_2():
+    env = fsdp_environment()
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_a_sharded_checkpoint_resumes_only_with_its_process_count(tmp_path):
+    import torch
+
+    from sipo_plugin.training.checkpoint import CheckpointError, load_checkpoint
+    from sipo_plugin.training.sharded import load_shard, save_sharded_checkpoint
+
+    class OneProcess:  # save_sharded_checkpoint's view of accelerate: one process
+        process_index, num_processes, is_main_process = 0, 1, True
+
+        def wait_for_everyone(self):
+            pass
+
+    optimizer_state = {"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.ones(3)}},
+                       "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    path = save_sharded_checkpoint(tmp_path, 2, trained={"0.w": torch.arange(3.0)},
+                                   optimizer_state=optimizer_state,
+                                   info={"run_id": "r"}, accelerator=OneProcess())
+    assert load_checkpoint(path)["shards"] == 1 and load_checkpoint(path)["lora"] is None
+    shard = load_shard(path, 0, 1)
+    assert torch.equal(shard["lora"]["0.w"], torch.arange(3.0))
+    assert torch.equal(shard["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    with pytest.raises(CheckpointError, match="of 1 processes; resume it with 1 processes"):
+        load_shard(path, 0, 2)

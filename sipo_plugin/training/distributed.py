@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+
 class DistributedSetupError(ValueError):
     """An accelerate configuration this trainer cannot run; the message says what to change."""
 
@@ -39,9 +40,9 @@ def make_accelerator(config, *, cpu: bool, project_dir: str) -> Accelerator:
     """The run's Accelerator (its DDP settings are completed by ``prepare_training``); an
     FSDP or DeepSpeed setting this trainer cannot run is refused here, before anything loads."""
     training = config.training
-    shared = PartialState._shared_state
+    shared = PartialState._shared_state  # an earlier FSDP-on-CPU run of this process set FSDP
     if cpu and shared.get("distributed_type") == DistributedType.FSDP:
-        shared["distributed_type"] = DistributedType.MULTI_CPU  # a previous FSDP-on-CPU run's
+        shared["distributed_type"] = DistributedType.MULTI_CPU
     if deepspeed_requested():
         cpu = False  # accelerate ignores DeepSpeed in CPU mode
     accelerator = Accelerator(
