@@ -79,6 +79,10 @@ class ModelAdapter(LoraSwitch, DenoiserSwap, EncoderPlacement, ABC):
     # reference then switches to it instead of switching the LoRA off); None: the base model
     reference_adapter: str | None = None
     first_timestep: int = 0  # the smallest timestep drawn (skip_masked_timesteps raises it)
+    # several processes (training/distributed.py): the trained modules as accelerate prepared them
+    # (what accumulate syncs), and FSDP / DeepSpeed's unsharded copies (meta) by attribute name
+    prepared_modules: list | None = None
+    unsharded_skeletons: dict | None = None
 
     @classmethod
     @abstractmethod
