@@ -2,7 +2,6 @@
 diffusers folder that loads back with the trained weights; checkpoints resume exactly."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ from safetensors.torch import load_file
 from diffusers import StableDiffusionPipeline
 
 from sipo_plugin.training.config import ConfigError
-from sipo_plugin.training.loop import lora_state, train
+from sipo_plugin.training.loop import train
 from sipo_plugin.training.run import export
-from test_training import load_adapter, short_run
+from test_training import (assert_same_trained_weights, load_adapter, short_run,
+                           straight_and_resumed)
 
 
 def base_unet_state(config) -> dict:
@@ -70,17 +70,12 @@ def test_full_finetune_with_cached_reference_keeps_no_copy(manifest, tmp_path):
 @pytest.mark.slow
 def test_full_finetune_interrupted_then_resumed_ends_with_the_same_unet(manifest, tmp_path):
     from sipo_plugin.training.checkpoint import list_checkpoints, load_checkpoint
-    common = ["--finetune", "full", "--max_train_steps", "4", "--save_every_n_steps", "2",
-              "--learning_rate", "1e-4"]
-    straight = train(short_run(manifest, tmp_path / "a", *common))
-    halfway, _ = list_checkpoints(tmp_path / "a")
-    saved = load_checkpoint(halfway)["lora"]
+    straight, resumed = straight_and_resumed(manifest, tmp_path, "--finetune", "full",
+                                             "--max_train_steps", "4", "--save_every_n_steps", "2",
+                                             "--learning_rate", "1e-4")
+    saved = load_checkpoint(list_checkpoints(tmp_path / "a")[0])["lora"]
     assert len(saved) == len(list(straight.adapter.unet.parameters()))  # the whole U-Net
-    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
-    resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
-    a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_trained_weights(straight, resumed)
 
 
 def test_full_finetune_config_errors(manifest, tmp_path):

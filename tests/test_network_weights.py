@@ -13,7 +13,8 @@ from sipo_plugin.toy.pipeline import load_toy_pipeline
 from sipo_plugin.training.config import ConfigError
 from sipo_plugin.training.loop import train
 from sipo_plugin.training.run import export
-from test_training import load_adapter, short_run
+from test_training import (assert_same_trained_weights, load_adapter, short_run,
+                           straight_and_resumed)
 
 PROMPTS = ["a red circle on a gray background", "a blue square"]
 RANK, ALPHA = 4, 2.0
@@ -182,21 +183,12 @@ def test_a_run_from_network_weights_interrupted_then_resumed_ends_with_the_same_
         manifest, tmp_path, reference):
     """Resume of a run that started from a LoRA file: the trained LoRA continues from the
     checkpoint (not from the file), and reference = "initial" is still the file's LoRA."""
-    import shutil
-
-    from sipo_plugin.training.checkpoint import list_checkpoints
-    from sipo_plugin.training.loop import lora_state
     path, _ = make_lora_file(manifest, tmp_path)
-    common = ["--network_weights", str(path), "--network_dim", str(RANK), "--network_alpha",
-              str(ALPHA), "--reference", reference, "--max_train_steps", "4",
-              "--save_every_n_steps", "2", "--lr_scheduler", "linear"]
-    straight = train(short_run(manifest, tmp_path / "a", *common))
-    halfway, _ = list_checkpoints(tmp_path / "a")
-    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
-    resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
-    a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
-    assert a.keys() == b.keys() and len(a) > 0
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = straight_and_resumed(
+        manifest, tmp_path, "--network_weights", str(path), "--network_dim", str(RANK),
+        "--network_alpha", str(ALPHA), "--reference", reference, "--max_train_steps", "4",
+        "--save_every_n_steps", "2", "--lr_scheduler", "linear")
+    assert_same_trained_weights(straight, resumed)
     if reference == "initial":  # the frozen reference adapter is the file's LoRA after resume too
         with resumed.adapter.reference():
             torch.testing.assert_close(adapter_outputs(resumed.adapter), diffusers_outputs(path),

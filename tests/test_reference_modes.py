@@ -1,7 +1,6 @@
 """Reference modes: adapter off, frozen copy and cached reference errors agree where they must."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -10,12 +9,13 @@ from sipo_plugin.data.batch import PairBatch
 from sipo_plugin.training.forward import batch_conditioning, batch_latents
 from sipo_plugin.objectives import get_objective, per_sample_error
 from sipo_plugin.training.config import ConfigError, load_config
-from sipo_plugin.training.loop import lora_state, prepare_caches, train
+from sipo_plugin.training.loop import prepare_caches, train
 from sipo_plugin.data.cache import draw_index
 from sipo_plugin.training.precompute import REFERENCE_FILE
 from sipo_plugin.training.reference import (AdapterOffReference, FrozenCopyReference,
                                             pair_generators)
-from test_training import Log, load_adapter, short_run
+from test_training import (Log, assert_same_trained_weights, load_adapter, short_run,
+                           straight_and_resumed)
 
 
 def perturb_lora(adapter, seed=0):
@@ -139,17 +139,11 @@ def test_auto_and_frozen_copy_calibrate_the_same_kappa_for_lora(manifest, tmp_pa
 
 @pytest.mark.slow
 def test_cached_reference_run_interrupted_then_resumed_ends_with_the_same_lora(manifest, tmp_path):
-    from sipo_plugin.training.checkpoint import list_checkpoints
-    common = ["--max_train_steps", "4", "--gradient_accumulation_steps", "2", "--lr_scheduler",
-              "linear", "--save_every_n_steps", "2", "--reference", "cached",
-              "--cache_latents_to_disk", "true", "--cache_dir", str(tmp_path / "cache")]
-    straight = train(short_run(manifest, tmp_path / "a", *common))
-    halfway, _ = list_checkpoints(tmp_path / "a")
-    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
-    resumed = train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
-    a, b = lora_state(straight.adapter), lora_state(resumed.adapter)
-    assert a.keys() == b.keys() and len(a) > 0
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = straight_and_resumed(
+        manifest, tmp_path, "--max_train_steps", "4", "--gradient_accumulation_steps", "2",
+        "--lr_scheduler", "linear", "--save_every_n_steps", "2", "--reference", "cached",
+        "--cache_latents_to_disk", "true", "--cache_dir", str(tmp_path / "cache"))
+    assert_same_trained_weights(straight, resumed)
 
 
 def test_config_errors_name_the_fix(manifest, tmp_path):

@@ -55,6 +55,26 @@ class Log:
         self.lines.append(text)
 
 
+def straight_and_resumed(manifest: Path, tmp_path: Path, *common: str):
+    """The run ``common`` (saving twice) straight through in ``a/``, and again in ``b/`` resumed
+    from a copy of its first checkpoint: (straight, resumed) TrainResults."""
+    import shutil
+
+    from sipo_plugin.training.checkpoint import list_checkpoints
+    straight = train(short_run(manifest, tmp_path / "a", *common))
+    halfway = list_checkpoints(tmp_path / "a")[0]
+    shutil.copytree(halfway, tmp_path / "b" / "checkpoints" / halfway.name)
+    return straight, train(short_run(manifest, tmp_path / "b", *common, "--resume", "latest"))
+
+
+def assert_same_trained_weights(a, b) -> None:
+    """Two TrainResults' trained tensors (LoRA or full U-Net) are bit-identical."""
+    from sipo_plugin.training.result import lora_state
+    a, b = lora_state(a.adapter), lora_state(b.adapter)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def load_adapter(config):
     """The adapter of ``config``'s model family, loaded on the CPU."""
     return get_model_adapter(config.model.family).load(config.model, device=torch.device("cpu"))
