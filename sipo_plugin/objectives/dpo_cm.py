@@ -9,21 +9,15 @@ from __future__ import annotations
 import torch
 
 from .configs import DPOCMConfig, check_kappa
-from .diffusion_dpo import (
-    add_sft_term,
-    preference_logit,
-    preference_loss,
-    preference_metrics,
-)
+from .diffusion_dpo import preference_logit, preference_loss, preference_metrics
 from .errors import LossOutput, PairErrors
 from .importance import (
     calibrated_kappa_config,
     clip_weight,
     geometric_mean,
-    importance_weights,
+    importance_weighted_objective,
     kappa_is_auto,
     mask_metrics,
-    objective_weight_metrics,
     pair_mask,
 )
 from .registry import register_objective
@@ -63,24 +57,7 @@ def dpo_cm_loss(
 
 def dpo_cm_objective(pairs: PairErrors, config: DPOCMConfig) -> LossOutput:
     """DPO-C&M: -M * clip(sqrt(w_w w_l)) * log sigmoid(u), importance-weighted Diffusion-DPO."""
-    weight_w, weight_l = importance_weights(
-        pairs, weight_model=config.weight_model, kappa=config.kappa
-    )
-    output = dpo_cm_loss(
-        pairs.policy_err_w,
-        pairs.policy_err_l,
-        pairs.ref_err_w,
-        pairs.ref_err_l,
-        weight_w,
-        weight_l,
-        beta=config.beta,
-        clip_eps=config.clip_eps,
-        mask_threshold=config.mask_threshold,
-        label_smoothing=config.label_smoothing,
-        loss_type=config.loss_type,
-    )
-    output.metrics.update(objective_weight_metrics(pairs, weight_w, weight_l, config.kappa))
-    return add_sft_term(output, pairs.policy_err_w, config.sft_weight)
+    return importance_weighted_objective(dpo_cm_loss, pairs, config)
 
 
 register_objective(

@@ -24,6 +24,7 @@ import torch
 from .errors import PairErrors, pair_timesteps, split_pair
 from .schedule import num_train_timesteps, schedule_error_factor
 from .configs import WEIGHT_MODELS
+from .diffusion_dpo import pair_objective
 from .validation import check_float
 
 __all__ = [
@@ -248,3 +249,15 @@ def objective_weight_metrics(pairs: PairErrors, weight_w, weight_l, kappa: float
     return weight_metrics(
         weight_w, weight_l, pairs.timesteps, num_train_timesteps(pairs.scheduler), kappa
     )
+
+
+def importance_weighted_objective(loss_fn, pairs: PairErrors, config, **settings):
+    """DPO-C&M's and SIPO's shared body: the step-wise weights ``w_w, w_l`` of ``config``'s
+    weight_model and kappa, ``loss_fn`` on the pair's errors and weights (clip_eps,
+    mask_threshold and ``settings`` from the config), the weight metrics, the SFT term."""
+    weight_w, weight_l = importance_weights(pairs, weight_model=config.weight_model,
+                                            kappa=config.kappa)
+    output = pair_objective(loss_fn, pairs, config, weight_w, weight_l, clip_eps=config.clip_eps,
+                            mask_threshold=config.mask_threshold, **settings)
+    output.metrics.update(objective_weight_metrics(pairs, weight_w, weight_l, config.kappa))
+    return output

@@ -160,15 +160,7 @@ def _adopt_entry_point_object(obj: Any) -> None:
     if isinstance(obj, ObjectiveSpec):
         if _SPECS.get(obj.name) == obj:
             return
-        register_objective(
-            name=obj.name,
-            fn=obj.fn,
-            config_cls=obj.config_cls,
-            description=obj.description,
-            needs_reference=obj.needs_reference,
-            calibrate=obj.calibrate,
-            needs_calibration=obj.needs_calibration,
-        )
+        register_objective(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
     elif isinstance(obj, types.ModuleType):
         return  # the module registered its objectives on import
     elif callable(obj):

@@ -1,23 +1,21 @@
 """SIPO / SDPO: importance-reweighted Diffusion-DPO log-ratios (arXiv 2505.21893).
 
-The importance weight and its kappa calibration are this project's own formulation (the paper's
-method section is not public in full): see ``importance.py`` and README "Objectives".
+Weights and kappa calibration as in DPO-C&M (``importance.py``: this project's formulation).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .diffusion_dpo import add_sft_term, preference_logit, preference_loss, preference_metrics
+from .diffusion_dpo import preference_logit, preference_loss, preference_metrics
 from .configs import PAIR_WEIGHTS, SIPOConfig
 from .errors import LossOutput, PairErrors
 from .importance import (
     calibrated_kappa_config,
     clip_weight,
-    importance_weights,
+    importance_weighted_objective,
     kappa_is_auto,
     mask_metrics,
-    objective_weight_metrics,
     pair_mask,
 )
 from .registry import register_objective
@@ -65,25 +63,7 @@ def sipo_loss(
 
 def sipo_objective(pairs: PairErrors, config: SIPOConfig) -> LossOutput:
     """SIPO: -M * log sigmoid(-(beta/2)(c_w d_w - c_l d_l)), importance-weighted log-ratios."""
-    weight_w, weight_l = importance_weights(
-        pairs, weight_model=config.weight_model, kappa=config.kappa
-    )
-    output = sipo_loss(
-        pairs.policy_err_w,
-        pairs.policy_err_l,
-        pairs.ref_err_w,
-        pairs.ref_err_l,
-        weight_w,
-        weight_l,
-        beta=config.beta,
-        clip_eps=config.clip_eps,
-        mask_threshold=config.mask_threshold,
-        pair_weight=config.pair_weight,
-        label_smoothing=config.label_smoothing,
-        loss_type=config.loss_type,
-    )
-    output.metrics.update(objective_weight_metrics(pairs, weight_w, weight_l, config.kappa))
-    return add_sft_term(output, pairs.policy_err_w, config.sft_weight)
+    return importance_weighted_objective(sipo_loss, pairs, config, pair_weight=config.pair_weight)
 
 
 register_objective(

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .configs import SIPO1427Config
-from .diffusion_dpo import add_sft_term, preference_logit, preference_loss, preference_metrics
+from .diffusion_dpo import pair_objective, preference_logit, preference_loss, preference_metrics
 from .errors import LossOutput, PairErrors
 from .registry import register_objective
 
@@ -85,18 +85,8 @@ def sipo_1427_loss(
 
 def sipo_1427_objective(pairs: PairErrors, config: SIPO1427Config) -> LossOutput:
     """PR #1427's SDPO: -log sigmoid(-(beta/2) max(v_w, v_l)(d_w - d_l)), v = clip(exp(kappa d))."""
-    output = sipo_1427_loss(
-        pairs.policy_err_w,
-        pairs.policy_err_l,
-        pairs.ref_err_w,
-        pairs.ref_err_l,
-        beta=config.beta,
-        clip_eps=config.clip_eps,
-        kappa=config.kappa,
-        label_smoothing=config.label_smoothing,
-        loss_type=config.loss_type,
-    )
-    return add_sft_term(output, pairs.policy_err_w, config.sft_weight)
+    return pair_objective(sipo_1427_loss, pairs, config, clip_eps=config.clip_eps,
+                          kappa=config.kappa)
 
 
 register_objective(
