@@ -152,19 +152,13 @@ def claim_output_dir(config: Config, run_id: str, resuming: bool, accelerator, l
     process checks, the main process writes once all have."""
     t = config.training
     foreign = foreign_files(t.output_dir, run_id, resuming)
+    owner = folder_run_id(t.output_dir)
     unsaved = [] if t.overwrite else unsaved_run_files(t.output_dir, foreign)
-    if unsaved:
-        owner = folder_run_id(t.output_dir)
-        accelerator.wait_for_everyone()  # every process has read the folder before it changes
-        if accelerator.is_main_process:
-            kept = [set_aside(path, owner).name for path in unsaved]
-            log(f"note: run {owner} in {t.output_dir} stopped before its first save; its "
-                f"{' and '.join(kept)} are kept beside this run's")
+    if unsaved:  # kept renamed below, not deleted
         foreign = []
     if foreign and not t.overwrite:
         names = ", ".join(str(p.relative_to(t.output_dir)) for p in foreign[:4])
         more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
-        owner = folder_run_id(t.output_dir)
         resumable = any(p.parent.name == CHECKPOINT_DIR and p.suffix != ".pt" for p in foreign)
         raise RunFolderError(
             f"{t.output_dir} holds another run's files ({names}{more}"
@@ -173,6 +167,10 @@ def claim_output_dir(config: Config, run_id: str, resuming: bool, accelerator, l
             "choose another --output_dir, or pass --overwrite to delete them")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if unsaved:
+            kept = [set_aside(path, owner).name for path in unsaved]
+            log(f"note: run {owner} in {t.output_dir} stopped before its first save; its "
+                f"{' and '.join(kept)} are kept beside this run's")
         for path in foreign:
             _remove(path)
         if foreign:
