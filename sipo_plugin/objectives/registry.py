@@ -10,8 +10,7 @@ lazily: when a name is not among the registered ones, and when listing.
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,7 +19,7 @@ import torch
 
 from .errors import (LossOutput, PairErrors, drop_empty_groups, pair_timesteps, per_sample_error,
                      split_pair)
-from ..utils.plugins import load_entry_points
+from ..utils.plugins import adopt_entry_point_object, check_new_name, load_entry_points
 from .catalog import ENTRY_POINT_GROUP, build_hyperparameters, unknown_objective_message
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "register_objective",
 ]
 
-_NAME_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ObjectiveFn = Callable[[PairErrors, Any], LossOutput]
 
 
@@ -89,16 +87,14 @@ _SPECS: dict[str, ObjectiveSpec] = {}
 _ENTRY_POINTS_LOADED = False
 
 
+def _registered_by(spec: ObjectiveSpec) -> str:
+    """``module.qualname`` of the spec's loss function (for the duplicate-name message)."""
+    fn = spec.fn
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
 def _check_spec(name: Any, fn: Any, config_cls: Any, description: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"objective names use lowercase letters, digits and single hyphens "
-            f"(e.g. 'my-objective'), got {name!r}"
-        )
-    if name in _SPECS:
-        fn_old = _SPECS[name].fn
-        where = f"{getattr(fn_old, '__module__', '?')}.{getattr(fn_old, '__qualname__', fn_old)}"
-        raise ValueError(f"objective {name!r} is already registered (by {where})")
+    check_new_name(_SPECS, name, "objective", _registered_by)
     if not callable(fn):
         raise TypeError(f"fn of objective {name!r} must be callable, got {fn!r}")
     if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
@@ -156,19 +152,12 @@ def register_objective(
     return spec
 
 
+def _register_spec(spec: ObjectiveSpec) -> None:
+    register_objective(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+
+
 def _adopt_entry_point_object(obj: Any) -> None:
-    if isinstance(obj, ObjectiveSpec):
-        if _SPECS.get(obj.name) == obj:
-            return
-        register_objective(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
-    elif isinstance(obj, types.ModuleType):
-        return  # the module registered its objectives on import
-    elif callable(obj):
-        result = obj()
-        if isinstance(result, ObjectiveSpec):
-            _adopt_entry_point_object(result)
-    else:
-        raise TypeError(f"expected an ObjectiveSpec, a module or a callable, got {obj!r}")
+    adopt_entry_point_object(obj, ObjectiveSpec, _SPECS, _register_spec)
 
 
 def _load_entry_points() -> None:
@@ -181,8 +170,7 @@ def _load_entry_points() -> None:
 
 def available_objectives() -> list[str]:
     """Sorted names of every objective: built-ins and entry points."""
-    _load_entry_points()
-    return sorted(_SPECS)
+    return list(describe_objectives())
 
 
 def describe_objectives() -> dict[str, str]:
@@ -313,24 +301,17 @@ class Objective:
         ref_err: torch.Tensor | None,
         timesteps: torch.Tensor,
         scheduler: Any,
+        *,
+        metrics_on_device: bool = False,
     ) -> ObjectiveOutput:
         """Loss from per-sample errors ``[2B]`` (winners first), e.g. with cached reference errors.
 
         ``policy_err`` carries the gradient; ``ref_err`` is treated as a constant (None: no
-        reference, for an objective that declared ``needs_reference=False``).
+        reference, for an objective that declared ``needs_reference=False``). The metrics are
+        floats (read in one host sync, empty timestep groups left out); ``metrics_on_device``
+        leaves them as the detached tensors the objective made (see
+        :meth:`from_errors_on_device`).
         """
-        out = self.from_errors_on_device(policy_err, ref_err, timesteps, scheduler)
-        return dataclasses.replace(out, metrics=drop_empty_groups(metrics_to_floats(out.metrics)))
-
-    def from_errors_on_device(
-        self,
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None,
-        timesteps: torch.Tensor,
-        scheduler: Any,
-    ) -> ObjectiveOutput:
-        """:meth:`from_errors` with the metrics left as detached tensors where the objective made
-        them (no host sync: the trainer reads them when it logs)."""
         if self.needs_calibration:
             raise RuntimeError(
                 f"objective {self.name!r} is not calibrated (e.g. kappa='auto'): run "
@@ -351,7 +332,12 @@ class Objective:
             )
         loss = per_pair.float().mean()  # masked pairs count in the denominator
         metrics = {"loss": loss.detach(), **result.metrics}
+        if not metrics_on_device:
+            metrics = drop_empty_groups(metrics_to_floats(metrics))
         return ObjectiveOutput(loss=loss, metrics=metrics, per_pair_loss=per_pair)
+
+    # the trainer's form: no host sync per micro-batch, it reads the metrics when it logs
+    from_errors_on_device = functools.partialmethod(from_errors, metrics_on_device=True)
 
     def _reference_pair(self, ref_err: torch.Tensor | None, device: torch.device):
         """``(r_w, r_l)`` ``[B]`` each in fp32 on ``device``; ``(None, None)`` without one."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 
 from ..objectives.validation import closest
-from ..utils.plugins import load_entry_points
+from ..utils.plugins import adopt_entry_point_object, check_new_name, load_entry_points
 from .base import Reward, RewardError, ScoreFn
 
 __all__ = [
@@ -43,7 +41,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "sipo_plugin.rewards"
-_NAME_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 # factory(path or None, device, **options) -> a scoring function (images, prompts) -> [N]
 RewardFactory = Callable[..., ScoreFn]
 PATH_REQUIRED, PATH_OPTIONAL, PATH_NONE = "required", "optional", "none"
@@ -80,12 +77,7 @@ def register_reward(*, name: str, description: str, factory: RewardFactory | Non
                             path_help=path_help)
             return fn
         return decorate
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"reward names use lowercase letters, digits and single hyphens "
-                         f"(e.g. 'my-reward'), got {name!r}")
-    if name in _SPECS:
-        raise ValueError(f"reward {name!r} is already registered "
-                         f"(by {getattr(_SPECS[name].factory, '__module__', '?')})")
+    check_new_name(_SPECS, name, "reward", lambda spec: getattr(spec.factory, "__module__", "?"))
     if not callable(factory):
         raise TypeError(f"factory of reward {name!r} must be callable, got {factory!r}")
     if not isinstance(description, str) or "\n" in description.strip():
@@ -97,19 +89,13 @@ def register_reward(*, name: str, description: str, factory: RewardFactory | Non
     return spec
 
 
+def _register_spec(spec: RewardSpec) -> None:
+    register_reward(name=spec.name, factory=spec.factory, description=spec.description,
+                    path=spec.path, path_help=spec.path_help)
+
+
 def _adopt_entry_point_object(obj: Any) -> None:
-    if isinstance(obj, RewardSpec):
-        if _SPECS.get(obj.name) != obj:
-            register_reward(name=obj.name, factory=obj.factory, description=obj.description,
-                            path=obj.path, path_help=obj.path_help)
-    elif isinstance(obj, types.ModuleType):
-        return  # the module registered its rewards on import
-    elif callable(obj):
-        result = obj()
-        if isinstance(result, RewardSpec):
-            _adopt_entry_point_object(result)
-    else:
-        raise TypeError(f"expected a RewardSpec, a module or a callable, got {obj!r}")
+    adopt_entry_point_object(obj, RewardSpec, _SPECS, _register_spec)
 
 
 def _load_entry_points() -> None:
