@@ -80,6 +80,20 @@ def choices(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def _raise_first(where: str, rules: list[tuple[object, str]]) -> None:
+    """ConfigError ``where: message`` for the first ``(broken, message)`` rule that is broken
+    (one line, the first problem in the rules' order)."""
+    for broken, message in rules:
+        if broken:
+            raise ConfigError(f"{where}: {message}")
+
+
+def _raise_problem(where: str, problem: str | None) -> None:
+    """ConfigError ``where: problem`` when a ``*_problem`` check found one."""
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+
+
 def reference_and_caches(config: Config) -> None:
     """Cross-checks of finetune, reference and caching (one line each, naming the fix)."""
     where, t, d, n = config.source, config.training, config.data, config.network
@@ -90,32 +104,34 @@ def reference_and_caches(config: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(repr, allowed))}, "
                               f"got '{value}'{closest(value, allowed)}")
-    if t.reference_cache_draws <= 0:
-        raise ConfigError(f"{where}: 'reference_cache_draws' must be > 0, got {t.reference_cache_draws}")
-    if n.finetune == "full" and n.train_text_encoder:
-        raise ConfigError(f"{where}: finetune = \"full\" trains the U-Net only; set "
-                          "train_text_encoder = false")
-    if d.cache_text_encoder_outputs and n.train_text_encoder:
-        raise ConfigError(f"{where}: cache_text_encoder_outputs needs a frozen text encoder; set "
-                          "train_text_encoder = false or cache_text_encoder_outputs = false")
     caches_latents = d.cache_latents or d.cache_latents_to_disk
-    if caches_latents and d.flip_aug:
-        raise ConfigError(f"{where}: flip_aug cannot be used with cache_latents (the cache holds one "
-                          "orientation); set flip_aug = false or cache_latents = false")
-    if t.reference == "cached" and not caches_latents:
-        raise ConfigError(f"{where}: reference = \"cached\" needs cache_latents = true (the cached "
-                          "errors are for fixed latents)")
-    if t.reference == "cached" and d.caption_dropout_rate > 0:
-        raise ConfigError(f"{where}: reference = \"cached\" cannot be used with caption_dropout_rate > 0 "
-                          "(the cached errors are for the full caption); set caption_dropout_rate = 0")
+    cached = t.reference == "cached"
+    _raise_first(where, [
+        (t.reference_cache_draws <= 0,
+         f"'reference_cache_draws' must be > 0, got {t.reference_cache_draws}"),
+        (n.finetune == "full" and n.train_text_encoder,
+         "finetune = \"full\" trains the U-Net only; set train_text_encoder = false"),
+        (d.cache_text_encoder_outputs and n.train_text_encoder,
+         "cache_text_encoder_outputs needs a frozen text encoder; set train_text_encoder = false "
+         "or cache_text_encoder_outputs = false"),
+        (caches_latents and d.flip_aug,
+         "flip_aug cannot be used with cache_latents (the cache holds one orientation); set "
+         "flip_aug = false or cache_latents = false"),
+        (cached and not caches_latents,
+         "reference = \"cached\" needs cache_latents = true (the cached errors are for fixed "
+         "latents)"),
+        (cached and d.caption_dropout_rate > 0,
+         "reference = \"cached\" cannot be used with caption_dropout_rate > 0 (the cached errors "
+         "are for the full caption); set caption_dropout_rate = 0"),
+    ])
     _skip_masked_timesteps(config)
     copies = t.reference == "frozen_copy" or (t.reference in ("auto", "base") and n.finetune == "full")
-    if (t.reference_device or t.reference_dtype) and not copies:
-        raise ConfigError(f"{where}: reference_device / reference_dtype apply to a frozen copy only; "
-                          "set reference = \"frozen_copy\" or leave them empty")
-    problem = reference_device_problem(t.reference_device)
-    if problem:
-        raise ConfigError(f"{where}: {problem}")
+    _raise_first(where, [
+        ((t.reference_device or t.reference_dtype) and not copies,
+         "reference_device / reference_dtype apply to a frozen copy only; set reference = "
+         "\"frozen_copy\" or leave them empty"),
+    ])
+    _raise_problem(where, reference_device_problem(t.reference_device))
 
 
 def _skip_masked_timesteps(config: Config) -> None:
@@ -128,37 +144,35 @@ def _skip_masked_timesteps(config: Config) -> None:
         hyper = check_objective(config.objective.name, config.objective.hyperparameters)
     except (KeyError, ValueError, TypeError):
         return  # reported by the objective's own validation
-    if getattr(hyper, "weight_model", None) != "step" or not getattr(hyper, "mask_threshold", 0):
-        raise ConfigError(f"{where}: skip_masked_timesteps needs an objective that masks pairs by "
-                          "timestep (dpo-cm or sipo with weight_model = \"step\" and "
-                          "mask_threshold > 0); set skip_masked_timesteps = false")
-    if t.reference == "cached":
-        raise ConfigError(f"{where}: skip_masked_timesteps cannot be used with reference = "
-                          "\"cached\" (its draws are fixed before calibration); set one of them "
-                          "off")
+    _raise_first(where, [
+        (getattr(hyper, "weight_model", None) != "step" or not getattr(hyper, "mask_threshold", 0),
+         "skip_masked_timesteps needs an objective that masks pairs by timestep (dpo-cm or sipo "
+         "with weight_model = \"step\" and mask_threshold > 0); set skip_masked_timesteps = false"),
+        (t.reference == "cached",
+         "skip_masked_timesteps cannot be used with reference = \"cached\" (its draws are fixed "
+         "before calibration); set one of them off"),
+    ])
 
 
 def network_start_and_layers(config: Config) -> None:
     """network_weights, reference = "initial", LoCon, DoRA, clip_skip, save_precision (one line
     each, naming the fix)."""
     where, t, n = config.source, config.training, config.network
-    if config.export.save_precision not in SAVE_PRECISIONS:
-        raise ConfigError(f"{where}: 'save_precision' must be one of {', '.join(SAVE_PRECISIONS)}, "
-                          f"got '{config.export.save_precision}'"
-                          f"{closest(config.export.save_precision, SAVE_PRECISIONS)}")
-    if config.model.clip_skip < 0 or n.conv_dim < 0:
-        raise ConfigError(f"{where}: 'clip_skip' and 'conv_dim' must be >= 0")
-    if n.conv_alpha <= 0:
-        raise ConfigError(f"{where}: 'conv_alpha' must be > 0, got {n.conv_alpha}")
-    if n.finetune == "full" and (n.network_weights or n.conv_dim or n.use_dora):
-        raise ConfigError(f"{where}: network_weights, conv_dim and use_dora are LoRA settings; "
-                          "finetune = \"full\" trains every U-Net weight (set finetune = \"lora\")")
-    if t.reference == "initial" and not n.network_weights:
-        raise ConfigError(f"{where}: reference = \"initial\" is the LoRA of network_weights, frozen; "
-                          "set network_weights to a LoRA file, or reference = \"base\"")
-    problem = network_weights_problem(n.network_weights)
-    if problem:
-        raise ConfigError(f"{where}: {problem}")
+    precision = config.export.save_precision
+    _raise_first(where, [
+        (precision not in SAVE_PRECISIONS,
+         f"'save_precision' must be one of {', '.join(SAVE_PRECISIONS)}, got '{precision}'"
+         f"{closest(precision, SAVE_PRECISIONS)}"),
+        (config.model.clip_skip < 0 or n.conv_dim < 0, "'clip_skip' and 'conv_dim' must be >= 0"),
+        (n.conv_alpha <= 0, f"'conv_alpha' must be > 0, got {n.conv_alpha}"),
+        (n.finetune == "full" and (n.network_weights or n.conv_dim or n.use_dora),
+         "network_weights, conv_dim and use_dora are LoRA settings; finetune = \"full\" trains "
+         "every U-Net weight (set finetune = \"lora\")"),
+        (t.reference == "initial" and not n.network_weights,
+         "reference = \"initial\" is the LoRA of network_weights, frozen; set network_weights to "
+         "a LoRA file, or reference = \"base\""),
+    ])
+    _raise_problem(where, network_weights_problem(n.network_weights))
 
 
 def buckets_and_augmentation(config: Config) -> None:
