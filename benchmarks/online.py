@@ -159,9 +159,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 30 steps, 64 pairs, 32 evaluation samples at steps 15 and 30")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_online")
-    p.add_argument("--cache", type=Path, default=None,
+    p.add_argument("--cache", type=Path, default=ROOT / "outputs" / "bench_objectives" / "cache",
                    help="where the pairs, the early checkpoint and the base images are made once "
-                   "(default <out>/cache; objectives_benchmark.py's cache works too)")
+                   "(shared with objectives_benchmark.py and stress.py)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--refresh", type=int, nargs=2, default=[5, 20],
@@ -177,7 +177,6 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds, args.steps, args.num_pairs, args.eval_samples = args.seeds[:1], 30, 64, 32
         args.refresh = [5, 15]
-    args.cache = args.cache or args.out / "cache"
     args.runs = args.out / ("quick" if args.quick else "full")
     return args
 

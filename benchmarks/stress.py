@@ -1,6 +1,6 @@
 """Stability under stress on the toy world: long runs, high learning rate and beta, no SFT term.
 
-    nice -n 10 .venv/bin/python benchmarks/stress.py            # full: 5 objectives x 2 data x 3 seeds
+    nice -n 10 .venv/bin/python benchmarks/stress.py            # full: 5 objectives x 3 data x 3 seeds
     nice -n 10 .venv/bin/python benchmarks/stress.py --quick    # on-policy, 1 seed, 120 steps (< 5 min)
     nice -n 10 .venv/bin/python benchmarks/stress.py --variants diffusion-dpo --seeds 0 \\
         --learning-rates 1e-3 3e-3 1e-2 --betas 5000 20000     # probe settings (a grid)
@@ -46,6 +46,9 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import objectives_benchmark as ob  # noqa: E402  (the toy benchmark's inputs and evaluation)
+from online import online_overrides  # noqa: E402  (the online benchmark's [online] settings)
+
+DATA_KINDS = [*ob.DATA_KINDS, "online"]
 
 # variant -> (registered objective, fixed hyper-parameters); every variant runs with sft_weight 0
 VARIANTS = {
@@ -72,6 +75,7 @@ class StressSpec:
     base_images: str
     settings: ob.Settings
     max_grad_norm: float = 1.0
+    extra: tuple[str, ...] = ()  # more overrides (online data: the [online] settings)
 
     @property
     def result_path(self) -> Path:
@@ -100,7 +104,7 @@ def run_config(spec: StressSpec):
         "--max_train_steps", str(s.steps), "--train_batch_size", str(s.batch),
         "--logging_steps", str(s.steps), "--eval_samples", str(s.eval_samples),
         "--max_grad_norm", str(spec.max_grad_norm), "--overwrite", "true",
-        *objective_overrides(spec.variant, spec.beta)])
+        *objective_overrides(spec.variant, spec.beta), *spec.extra])
 
 
 def collapse_reasons(nonfinite: bool, final: dict, fidelity_drop: float) -> list[str]:
@@ -228,12 +232,14 @@ def parse_args(argv: list[str] | None = None):
                    help="pairs, off-policy checkpoint and base images (shared, made once)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--learning-rates", type=float, nargs="+", default=[1e-2])
-    p.add_argument("--betas", type=float, nargs="+", default=[5000.0])
+    p.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3])
+    p.add_argument("--betas", type=float, nargs="+", default=[20000.0])
     p.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="the trainer's gradient clipping (the norm is recorded before it)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--data", nargs="+", default=list(ob.DATA_KINDS), choices=ob.DATA_KINDS)
+    p.add_argument("--data", nargs="+", default=DATA_KINDS, choices=DATA_KINDS)
+    p.add_argument("--refresh", type=int, default=20,
+                   help="online data: the pairs refreshed from the policy every N steps")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--num-pairs", type=int, default=128)
@@ -252,11 +258,27 @@ def parse_args(argv: list[str] | None = None):
 
 
 def build_specs(args, s: ob.Settings, inputs: dict, base_images: Path) -> list[StressSpec]:
-    """The grid, seed-major so that a benchmark cut short has whole seeds of every objective."""
-    return [StressSpec(data, variant, beta, seed, str(inputs[data]), str(args.runs),
-                       str(base_images), replace(s, learning_rate=lr), args.max_grad_norm)
+    """The grid, seed-major so that a benchmark cut short has whole seeds of every objective;
+    ``inputs`` maps each data kind to its (pairs manifest, extra overrides)."""
+    return [StressSpec(data, variant, beta, seed, inputs[data][0], str(args.runs),
+                       str(base_images), replace(s, learning_rate=lr), args.max_grad_norm,
+                       inputs[data][1])
             for seed in args.seeds for data in args.data for lr in args.learning_rates
             for beta in args.betas for variant in args.variants]
+
+
+def data_inputs(args, s: ob.Settings) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each data kind's (pairs manifest, extra overrides): offline pairs made once into the
+    cache; online runs sample theirs from the policy (online.py's settings, as many prompt slots
+    in all as the offline pairs hold)."""
+    models = {"on_policy": "toy"}
+    if "off_policy" in args.data:
+        models["off_policy"] = str(ob.ensure_early_model(args.cache, s))
+    inputs = {data: (str(ob.ensure_pairs(args.cache, data, models[data], s)), ())
+              for data in args.data if data in models}
+    if "online" in args.data:
+        inputs["online"] = ("", online_overrides(args.refresh, s))
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -274,10 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [json.loads(p.read_text()) for p in sorted((args.runs / "runs").rglob("seed*.json"))]
     else:
         args.cache.mkdir(parents=True, exist_ok=True)
-        models = {"on_policy": "toy"}
-        if "off_policy" in args.data:
-            models["off_policy"] = str(ob.ensure_early_model(args.cache, s))
-        inputs = {data: ob.ensure_pairs(args.cache, data, models[data], s) for data in args.data}
+        inputs = data_inputs(args, s)
         base_images = ob.ensure_base_images(args.cache, s)
         specs = build_specs(args, s, inputs, base_images)
         rows = ob.run_all(specs, args.workers, run=run_one, report=report_progress)

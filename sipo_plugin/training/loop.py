@@ -198,7 +198,8 @@ def _train(config: Config, so_far: dict) -> TrainResult:
     # before anything is written: the resume's settings and the folder's owner are checked
     run = start_run(config, checkpoint, resume_from, records, accelerator)
     log = MetricsLogger(output_dir / "metrics.jsonl", accelerator, t.log_with, config.to_dict())
-    log.info(f"{len(records)} pairs from {config.data.train_data}")
+    if reads_train_data(config):  # (an online run without offline pairs reads none)
+        log.info(f"{len(records)} pairs from {config.data.train_data}")
     if t.max_train_epochs:
         log.info(f"max_train_epochs = {t.max_train_epochs}: {t.max_train_steps} steps")
     check_before_model_load(config, records)
