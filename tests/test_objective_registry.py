@@ -160,6 +160,39 @@ def test_register_validates(isolated_registry):
         register_objective(name="toy-2", **ok)
 
 
+def test_register_objective_as_a_decorator(isolated_registry):
+    def calibrate(config, sample, scheduler):
+        return dataclasses.replace(config, scale=3.0)
+
+    def uncalibrated(config):
+        return config.scale == 1.0
+
+    @register_objective(name="toy-decorated", config_cls=ToyConfig, needs_reference=False,
+                        calibrate=calibrate, needs_calibration=uncalibrated)
+    def decorated(pairs, config):
+        """Toy, registered by decorator: scale * (m_w - m_l),
+        over two lines.
+
+        The rest of the docstring is not the description.
+        """
+        return toy_objective(pairs, config)
+
+    assert decorated.__name__ == "decorated" and decorated.__doc__.startswith("Toy")
+    spec = registry.get_objective_spec("toy-decorated")
+    assert spec.fn is decorated and spec.config_cls is ToyConfig and spec.calibrate is calibrate
+    assert spec.needs_calibration is uncalibrated
+    assert spec.needs_reference is False
+    assert spec.description == "Toy, registered by decorator: scale * (m_w - m_l), over two lines."
+    objective = get_objective("toy-decorated").calibrate(([torch.ones(2)], [torch.ones(1)]), None)
+    model_pred = torch.tensor([[2.0], [1.0]])  # m_w = 4, m_l = 1
+    out = objective(model_pred, None, torch.zeros(2, 1), torch.tensor([3]), DDPMScheduler())
+    assert out.loss.item() == 9.0  # the calibrated scale 3 * (4 - 1)
+    with pytest.raises(ValueError, match="already registered"):
+        register_objective(name="toy-decorated", config_cls=ToyConfig)(toy_objective)
+    with pytest.raises(ValueError, match="lowercase"):  # checked when it decorates
+        register_objective(name="Toy", config_cls=ToyConfig)(toy_objective)
+
+
 def test_registered_objective_runs_through_the_objective_api(isolated_registry):
     register_objective(name="toy", fn=toy_objective, config_cls=ToyConfig, description="toy")
     assert "toy" in available_objectives() and describe_objectives()["toy"] == "toy"

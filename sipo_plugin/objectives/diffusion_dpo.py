@@ -109,14 +109,7 @@ def pair_objective(loss_fn, pairs: PairErrors, config, *weights: torch.Tensor,
     return add_sft_term(output, pairs.policy_err_w, config.sft_weight)
 
 
+@register_objective(name="diffusion-dpo", config_cls=DiffusionDPOConfig)
 def diffusion_dpo_objective(pairs: PairErrors, config: DiffusionDPOConfig) -> LossOutput:
-    """Diffusion-DPO: -log sigmoid(-(beta/2)(d_w - d_l)) (Wallace et al. 2023)."""
+    """Diffusion-DPO (Wallace et al. 2023): -log sigmoid(-(beta/2)(d_w - d_l))."""
     return pair_objective(diffusion_dpo_loss, pairs, config)
-
-
-register_objective(
-    name="diffusion-dpo",
-    fn=diffusion_dpo_objective,
-    config_cls=DiffusionDPOConfig,
-    description="Diffusion-DPO (Wallace et al. 2023): -log sigmoid(-(beta/2)(d_w - d_l))",
-)

@@ -55,17 +55,12 @@ def dpo_cm_loss(
     return LossOutput(losses, metrics)
 
 
+@register_objective(name="dpo-cm", config_cls=DPOCMConfig, calibrate=calibrated_kappa_config,
+                    needs_calibration=kappa_is_auto)
 def dpo_cm_objective(pairs: PairErrors, config: DPOCMConfig) -> LossOutput:
-    """DPO-C&M: -M * clip(sqrt(w_w w_l)) * log sigmoid(u), importance-weighted Diffusion-DPO."""
+    """DPO-C&M (arXiv 2505.21893): Diffusion-DPO scaled by clip(sqrt(w_w w_l)), pairs with a
+    weight below tau masked.
+
+    ``-M * clip(sqrt(w_w w_l)) * log sigmoid(u)``, the weights of ``config`` (:func:`dpo_cm_loss`).
+    """
     return importance_weighted_objective(dpo_cm_loss, pairs, config)
-
-
-register_objective(
-    name="dpo-cm",
-    fn=dpo_cm_objective,
-    config_cls=DPOCMConfig,
-    description="DPO-C&M (arXiv 2505.21893): Diffusion-DPO scaled by clip(sqrt(w_w w_l)), "
-    "pairs with a weight below tau masked",
-    calibrate=calibrated_kappa_config,
-    needs_calibration=kappa_is_auto,
-)

@@ -1,16 +1,17 @@
 """The objective registry: names -> (loss function, hyper-parameter dataclass), plus entry points.
 
-Built-in objectives register themselves next to their implementation (``register_objective`` at
-the bottom of each module). Third-party packages add objectives through the entry-point group
-``sipo_plugin.objectives``: the loaded object is either an :class:`ObjectiveSpec` (registered
-here) or a module / callable that calls :func:`register_objective` itself. Entry points are read
-lazily: when a name is not among the registered ones, and when listing.
+Built-in objectives register themselves where they are defined (``@register_objective(...)`` on
+each module's objective function). Third-party packages add objectives through the entry-point
+group ``sipo_plugin.objectives``: the loaded object is either an :class:`ObjectiveSpec`
+(registered here) or a module / callable that calls :func:`register_objective` itself. Entry
+points are read lazily: when a name is not among the registered ones, and when listing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -19,7 +20,8 @@ import torch
 
 from .errors import (LossOutput, PairErrors, drop_empty_groups, pair_timesteps, per_sample_error,
                      split_pair)
-from ..utils.plugins import adopt_entry_point_object, check_new_name, load_entry_points
+from ..utils.plugins import (adopt_entry_point_object, check_new_name, load_entry_points,
+                             registering_decorator)
 from .catalog import ENTRY_POINT_GROUP, build_hyperparameters, unknown_objective_message
 
 __all__ = [
@@ -93,6 +95,11 @@ def _registered_by(spec: ObjectiveSpec) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
+def _first_paragraph(docstring: str | None) -> str:
+    """The text of a docstring up to its first blank line."""
+    return re.split(r"\n\s*\n", (docstring or "").strip(), maxsplit=1)[0]
+
+
 def _check_spec(name: Any, fn: Any, config_cls: Any, description: Any) -> str:
     check_new_name(_SPECS, name, "objective", _registered_by)
     if not callable(fn):
@@ -103,7 +110,7 @@ def _check_spec(name: Any, fn: Any, config_cls: Any, description: Any) -> str:
         raise TypeError(f"config_cls of objective {name!r} must be frozen: @dataclass(frozen=True)")
     if not isinstance(description, str):
         raise TypeError(f"description of objective {name!r} must be a string")
-    text = description.strip() or (fn.__doc__ or "").strip().split("\n")[0].strip()
+    text = description.strip() or " ".join(_first_paragraph(fn.__doc__).split())
     if "\n" in text:
         raise ValueError(f"description of objective {name!r} must be one line")
     return text
@@ -112,14 +119,18 @@ def _check_spec(name: Any, fn: Any, config_cls: Any, description: Any) -> str:
 def register_objective(
     *,
     name: str,
-    fn: ObjectiveFn,
+    fn: ObjectiveFn | None = None,
     config_cls: type,
     description: str = "",
     needs_reference: bool = True,
     calibrate: CalibrateFn | None = None,
     needs_calibration: Callable[[Any], bool] | None = None,
-) -> ObjectiveSpec:
-    """Register ``fn`` under ``name`` with its frozen hyper-parameter dataclass ``config_cls``.
+) -> ObjectiveSpec | Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register ``fn`` under ``name`` with its frozen hyper-parameter dataclass ``config_cls``;
+    returns the :class:`ObjectiveSpec`.
+
+    Without ``fn`` it is a decorator: ``@register_objective(name=..., config_cls=...)`` above the
+    objective function registers it and returns it unchanged.
 
     ``needs_reference=False`` declares that ``fn`` never reads the reference errors: the trainer
     then runs no reference forward (and no reference pre-pass), and ``fn`` gets ``None`` for
@@ -134,8 +145,14 @@ def register_objective(
 
     Raises ValueError for a badly formed or duplicate name, TypeError for a non-callable ``fn``
     (or hook) or a ``config_cls`` that is not a frozen dataclass. An empty description falls back
-    to the first line of ``fn``'s docstring.
+    to the first paragraph of ``fn``'s docstring, on one line.
     """
+    if fn is None:
+        return registering_decorator(
+            register_objective, "fn", name=name, config_cls=config_cls, description=description,
+            needs_reference=needs_reference, calibrate=calibrate,
+            needs_calibration=needs_calibration,
+        )
     text = _check_spec(name, fn, config_cls, description)
     if not isinstance(needs_reference, bool):
         raise TypeError(f"needs_reference of objective {name!r} must be True or False")

@@ -23,19 +23,11 @@ def sft_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor) -> LossOutp
     return LossOutput(policy_err_w, metrics)
 
 
+@register_objective(name="sft", config_cls=SFTConfig, needs_reference=False)
 def sft_objective(pairs: PairErrors, config: SFTConfig) -> LossOutput:
-    """SFT: mean(m_w), the diffusion MSE on winners only."""
+    """SFT on winners: mean(m_w), the plain diffusion MSE of the preferred samples."""
     output = sft_loss(pairs.policy_err_w, pairs.policy_err_l)
     if pairs.ref_err_w is not None:  # the reference is not needed, but report it when given
         output.metrics["mse/ref_w"] = pairs.ref_err_w.mean()
         output.metrics["mse/ref_l"] = pairs.ref_err_l.mean()
     return output
-
-
-register_objective(
-    name="sft",
-    fn=sft_objective,
-    config_cls=SFTConfig,
-    description="SFT on winners: mean(m_w), the plain diffusion MSE of the preferred samples",
-    needs_reference=False,
-)

@@ -61,17 +61,13 @@ def sipo_loss(
     return LossOutput(losses, metrics)
 
 
+@register_objective(name="sipo", config_cls=SIPOConfig, calibrate=calibrated_kappa_config,
+                    needs_calibration=kappa_is_auto)
 def sipo_objective(pairs: PairErrors, config: SIPOConfig) -> LossOutput:
-    """SIPO: -M * log sigmoid(-(beta/2)(c_w d_w - c_l d_l)), importance-weighted log-ratios."""
+    """SIPO/SDPO (arXiv 2505.21893): DPO on clipped importance-weighted log-ratios, low-weight
+    pairs masked.
+
+    ``-M * log sigmoid(-(beta/2)(c_w d_w - c_l d_l))``, the weights of ``config``
+    (:func:`sipo_loss`).
+    """
     return importance_weighted_objective(sipo_loss, pairs, config, pair_weight=config.pair_weight)
-
-
-register_objective(
-    name="sipo",
-    fn=sipo_objective,
-    config_cls=SIPOConfig,
-    description="SIPO/SDPO (arXiv 2505.21893): DPO on clipped importance-weighted log-ratios, "
-    "low-weight pairs masked",
-    calibrate=calibrated_kappa_config,
-    needs_calibration=kappa_is_auto,
-)

@@ -83,16 +83,12 @@ def sipo_1427_loss(
     return LossOutput(losses, metrics)
 
 
+@register_objective(name="sipo-1427", config_cls=SIPO1427Config)
 def sipo_1427_objective(pairs: PairErrors, config: SIPO1427Config) -> LossOutput:
-    """PR #1427's SDPO: -log sigmoid(-(beta/2) max(v_w, v_l)(d_w - d_l)), v = clip(exp(kappa d))."""
+    """SDPO as read by sd-scripts PR #1427: shared max of clipped inverse policy/reference
+    weights, with gradient, no mask.
+
+    ``-log sigmoid(-(beta/2) max(v_w, v_l)(d_w - d_l))``, ``v = clip(exp(kappa d))``.
+    """
     return pair_objective(sipo_1427_loss, pairs, config, clip_eps=config.clip_eps,
                           kappa=config.kappa)
-
-
-register_objective(
-    name="sipo-1427",
-    fn=sipo_1427_objective,
-    config_cls=SIPO1427Config,
-    description="SDPO as read by sd-scripts PR #1427: shared max of clipped inverse "
-    "policy/reference weights, with gradient, no mask",
-)

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..objectives.validation import closest
-from ..utils.plugins import adopt_entry_point_object, check_new_name, load_entry_points
+from ..utils.plugins import (adopt_entry_point_object, check_new_name, load_entry_points,
+                             registering_decorator)
 from .base import Reward, RewardError, ScoreFn
 
 __all__ = [
@@ -72,11 +73,8 @@ def register_reward(*, name: str, description: str, factory: RewardFactory | Non
     non-callable factory.
     """
     if factory is None:
-        def decorate(fn: RewardFactory) -> RewardFactory:
-            register_reward(name=name, description=description, factory=fn, path=path,
-                            path_help=path_help)
-            return fn
-        return decorate
+        return registering_decorator(register_reward, "factory", name=name,
+                                     description=description, path=path, path_help=path_help)
     check_new_name(_SPECS, name, "reward", lambda spec: getattr(spec.factory, "__module__", "?"))
     if not callable(factory):
         raise TypeError(f"factory of reward {name!r} must be callable, got {factory!r}")

@@ -1,5 +1,6 @@
 """Entry-point plugins: load every object of a group, warn about (and skip) the broken ones; the
-name rule and entry-point adoption the objective and reward registries share."""
+name rule, the decorator form and entry-point adoption the objective and reward registries
+share."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def check_new_name(registered: Mapping[str, Any], name: Any, kind: str,
     if name in registered:
         raise ValueError(f"{kind} {name!r} is already registered "
                          f"(by {registered_by(registered[name])})")
+
+
+def registering_decorator(register: Callable[..., Any], fn_keyword: str, **settings: Any):
+    """The decorator form of a ``register`` function: the decorated function is registered with
+    ``register(**settings, <fn_keyword>=function)`` and returned unchanged."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        register(**settings, **{fn_keyword: fn})
+        return fn
+    return decorate
 
 
 def adopt_entry_point_object(obj: Any, spec_cls: type, registered: Mapping[str, Any],
