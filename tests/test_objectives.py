@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from sipo_plugin.objectives import (
+    ImportanceWeights,
+    PairErrors,
     calibrate_kappa,
     diffusion_dpo_loss,
     dpo_cm_loss,
@@ -80,6 +82,11 @@ U = [-0.5, 1.0]
 
 def hand_errors():
     return tuple(torch.tensor(x) for x in (M_W, M_L, R_W, R_L))
+
+
+def hand_pairs(m_w, m_l, r_w, r_l) -> PairErrors:
+    """Errors as the weighted losses take them (they read neither timesteps nor scheduler)."""
+    return PairErrors(m_w, m_l, r_w, r_l, timesteps=torch.tensor([100, 200]), scheduler=None)
 
 
 # ---------------------------------------------------------------- errors and layout
@@ -174,7 +181,8 @@ def test_loss_decreases_when_the_policy_improves_on_the_winner():
 
 def test_dpo_cm_hand_values():
     w_w, w_l = torch.tensor([0.95, 0.5]), torch.tensor([1.3, 1.0])
-    out = dpo_cm_loss(*hand_errors(), w_w, w_l, beta=10.0, clip_eps=0.1, mask_threshold=0.9)
+    weights = ImportanceWeights(w_w, w_l, clip_eps=0.1, mask_threshold=0.9)
+    out = dpo_cm_loss(hand_pairs(*hand_errors()), weights, beta=10.0)
     c0 = min(max(math.sqrt(0.95 * 1.3), 0.9), 1.1)  # pair 1 masked (0.5 < 0.9)
     assert out.losses.tolist() == pytest.approx([c0 * softplus(0.5), 0.0], rel=1e-5)
     assert float(out.metrics["mask_fraction"]) == 0.5
@@ -185,10 +193,8 @@ def test_dpo_cm_hand_values():
 @pytest.mark.parametrize("pair_weight", ["per_side", "shared_max"])
 def test_sipo_hand_values(pair_weight):
     w_w, w_l = torch.tensor([0.95, 1.05]), torch.tensor([1.3, 0.92])
-    out = sipo_loss(
-        *hand_errors(), w_w, w_l, beta=10.0, clip_eps=0.1, mask_threshold=0.9,
-        pair_weight=pair_weight,
-    )
+    weights = ImportanceWeights(w_w, w_l, clip_eps=0.1, mask_threshold=0.9)
+    out = sipo_loss(hand_pairs(*hand_errors()), weights, beta=10.0, pair_weight=pair_weight)
     c_w, c_l = [0.95, 1.05], [1.1, 0.92]
     d_w, d_l = [0.05, -0.10], [-0.05, 0.10]
     if pair_weight == "per_side":
@@ -540,10 +546,8 @@ def test_sipo_gradient_is_the_analytic_one_and_skips_the_weights(pair_weight):
     m_w, m_l, r_w, r_l = (x.clone().requires_grad_(i < 2) for i, x in enumerate(hand_errors()))
     w_w = torch.tensor([0.95, 1.05], requires_grad=True)
     w_l = torch.tensor([1.3, 0.92], requires_grad=True)
-    out = sipo_loss(
-        m_w, m_l, r_w, r_l, w_w, w_l, beta=10.0, clip_eps=0.1, mask_threshold=0.9,
-        pair_weight=pair_weight,
-    )
+    weights = ImportanceWeights(w_w, w_l, clip_eps=0.1, mask_threshold=0.9)
+    out = sipo_loss(hand_pairs(m_w, m_l, r_w, r_l), weights, beta=10.0, pair_weight=pair_weight)
     out.losses.sum().backward()
     assert w_w.grad is None and w_l.grad is None  # weights are stop-gradient
     c_w, c_l = torch.tensor([0.95, 1.05]), torch.tensor([1.1, 0.92])

@@ -18,6 +18,7 @@ __all__ = [
     "CalibrationSample",
     "DPOCMConfig",
     "DiffusionDPOConfig",
+    "ImportanceWeights",
     "LossOutput",
     "Objective",
     "ObjectiveOutput",

@@ -15,7 +15,7 @@ from .registry import (
     get_objective_spec,
     register_objective,
 )
-from .importance import calibrate_kappa, first_kept_timestep, step_log_weight
+from .importance import ImportanceWeights, calibrate_kappa, first_kept_timestep, step_log_weight
 from .schedule import parametrization, schedule_error_factor, snr
 
 # Built-in objectives register themselves on import.

@@ -98,13 +98,12 @@ def add_sft_term(output: LossOutput, policy_err_w: torch.Tensor, sft_weight: flo
     return LossOutput(output.losses + sft, metrics)
 
 
-def pair_objective(loss_fn, pairs: PairErrors, config, *weights: torch.Tensor,
-                   **settings) -> LossOutput:
-    """The body every preference objective shares: ``loss_fn(m_w, m_l, r_w, r_l, *weights,
-    beta, label_smoothing, loss_type, **settings)`` on the pair's errors, plus the winner-SFT
-    term ``sft_weight * m_w``."""
+def pair_objective(loss_fn, pairs: PairErrors, config, **settings) -> LossOutput:
+    """The body the unweighted preference objectives share: ``loss_fn(m_w, m_l, r_w, r_l, beta,
+    label_smoothing, loss_type, **settings)`` on the pair's errors, plus the winner-SFT term
+    ``sft_weight * m_w``."""
     output = loss_fn(pairs.policy_err_w, pairs.policy_err_l, pairs.ref_err_w, pairs.ref_err_l,
-                     *weights, beta=config.beta, label_smoothing=config.label_smoothing,
+                     beta=config.beta, label_smoothing=config.label_smoothing,
                      loss_type=config.loss_type, **settings)
     return add_sft_term(output, pairs.policy_err_w, config.sft_weight)
 

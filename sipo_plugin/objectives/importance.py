@@ -15,6 +15,7 @@ Weights never carry gradient. ``a_t = +inf`` (DDPM ``t = 0``, flow ``s_prev <= 0
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,11 +25,12 @@ import torch
 from .errors import PairErrors, pair_timesteps, split_pair
 from .schedule import num_train_timesteps, schedule_error_factor
 from .configs import WEIGHT_MODELS
-from .diffusion_dpo import pair_objective
+from .diffusion_dpo import add_sft_term
 from .validation import check_float
 
 __all__ = [
     "WEIGHT_MODELS",
+    "ImportanceWeights",
     "calibrate_kappa",
     "calibrated_kappa_config",
     "clip_weight",
@@ -99,6 +101,43 @@ def mask_metrics(mask: torch.Tensor, clipped_w: torch.Tensor, clipped_l: torch.T
         "weights/chosen": clipped_w.mean(),
         "weights/rejected": clipped_l.mean(),
     }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImportanceWeights:
+    """A pair batch's importance weights and how DPO-C&M and SIPO apply them.
+
+    ``weight_w``, ``weight_l``: the raw weights ``w_w, w_l`` ``[B]``, kept fp32 without grad
+    (stop-gradient); ``clip_eps``: a weight is clipped to ``[1 - eps, 1 + eps]``;
+    ``mask_threshold``: ``tau`` of the pair mask ``M = 1[w_w >= tau] 1[w_l >= tau]``.
+    """
+
+    weight_w: torch.Tensor
+    weight_l: torch.Tensor
+    clip_eps: float
+    mask_threshold: float
+
+    def __post_init__(self) -> None:  # stop-gradient and fp32, however the weights were made
+        object.__setattr__(self, "weight_w", self.weight_w.detach().float())
+        object.__setattr__(self, "weight_l", self.weight_l.detach().float())
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """``M`` ``[B]``: 1 keeps the pair, 0 masks it."""
+        return pair_mask(self.weight_w, self.weight_l, self.mask_threshold)
+
+    @functools.cached_property
+    def clipped(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_w, c_l) = (clip(w_w), clip(w_l))``, ``[B]`` each."""
+        return self.clip(self.weight_w), self.clip(self.weight_l)
+
+    def clip(self, weight: torch.Tensor) -> torch.Tensor:
+        """``clip(weight, 1 - eps, 1 + eps)`` under stop-gradient."""
+        return clip_weight(weight, self.clip_eps)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """:func:`mask_metrics`: the masked share and the mean clipped weight of each side."""
+        return mask_metrics(self.mask, *self.clipped)
 
 
 def weight_metrics(
@@ -252,12 +291,16 @@ def objective_weight_metrics(pairs: PairErrors, weight_w, weight_l, kappa: float
 
 
 def importance_weighted_objective(loss_fn, pairs: PairErrors, config, **settings):
-    """DPO-C&M's and SIPO's shared body: the step-wise weights ``w_w, w_l`` of ``config``'s
-    weight_model and kappa, ``loss_fn`` on the pair's errors and weights (clip_eps,
-    mask_threshold and ``settings`` from the config), the weight metrics, the SFT term."""
-    weight_w, weight_l = importance_weights(pairs, weight_model=config.weight_model,
-                                            kappa=config.kappa)
-    output = pair_objective(loss_fn, pairs, config, weight_w, weight_l, clip_eps=config.clip_eps,
-                            mask_threshold=config.mask_threshold, **settings)
-    output.metrics.update(objective_weight_metrics(pairs, weight_w, weight_l, config.kappa))
+    """DPO-C&M's and SIPO's shared body: ``loss_fn(pairs, weights, beta, label_smoothing,
+    loss_type, **settings)`` with the :class:`ImportanceWeights` of ``config``'s weight_model,
+    kappa, clip_eps and mask_threshold, plus the winner-SFT term and the weight metrics."""
+    weights = ImportanceWeights(
+        *importance_weights(pairs, weight_model=config.weight_model, kappa=config.kappa),
+        clip_eps=config.clip_eps, mask_threshold=config.mask_threshold,
+    )
+    output = loss_fn(pairs, weights, beta=config.beta, label_smoothing=config.label_smoothing,
+                     loss_type=config.loss_type, **settings)
+    output = add_sft_term(output, pairs.policy_err_w, config.sft_weight)
+    output.metrics.update(
+        objective_weight_metrics(pairs, weights.weight_w, weights.weight_l, config.kappa))
     return output

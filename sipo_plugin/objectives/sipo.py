@@ -11,12 +11,10 @@ from .diffusion_dpo import preference_logit, preference_loss, preference_metrics
 from .configs import PAIR_WEIGHTS, SIPOConfig
 from .errors import LossOutput, PairErrors
 from .importance import (
+    ImportanceWeights,
     calibrated_kappa_config,
-    clip_weight,
     importance_weighted_objective,
     kappa_is_auto,
-    mask_metrics,
-    pair_mask,
 )
 from .registry import register_objective
 from .validation import check_choice
@@ -25,16 +23,10 @@ __all__ = ["PAIR_WEIGHTS", "SIPOConfig", "sipo_loss"]
 
 
 def sipo_loss(
-    policy_err_w: torch.Tensor,
-    policy_err_l: torch.Tensor,
-    ref_err_w: torch.Tensor,
-    ref_err_l: torch.Tensor,
-    weight_w: torch.Tensor,
-    weight_l: torch.Tensor,
+    errors: PairErrors,
+    weights: ImportanceWeights,
     *,
     beta: float,
-    clip_eps: float,
-    mask_threshold: float,
     pair_weight: str = "per_side",
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
@@ -43,22 +35,22 @@ def sipo_loss(
 
     ``c_y = clip(w_y, 1 - eps, 1 + eps)`` (stop-gradient), ``u_is = -(beta/2)(c_w d_w - c_l d_l)``
     (``per_side``) or ``-(beta/2) max(c_w, c_l) (d_w - d_l)`` (``shared_max``, formula 11 as read
-    by sd-scripts PR #1427); ``M = 1[w_w >= tau] 1[w_l >= tau]``.
+    by sd-scripts PR #1427); ``M = 1[w_w >= tau] 1[w_l >= tau]``; ``w``, ``tau`` and ``eps`` from
+    ``weights``, ``d_y = m_y - r_y`` the errors of ``errors``.
     """
     pair_weight = check_choice("pair_weight", pair_weight, PAIR_WEIGHTS)
-    weight_w, weight_l = weight_w.detach().float(), weight_l.detach().float()
-    mask = pair_mask(weight_w, weight_l, mask_threshold)  # [B]
-    c_w, c_l = clip_weight(weight_w, clip_eps), clip_weight(weight_l, clip_eps)  # [B] each
-    d_w, d_l = policy_err_w - ref_err_w, policy_err_l - ref_err_l  # [B] each
+    m_w, m_l = errors.policy_err_w, errors.policy_err_l  # [B] each, with grad
+    r_w, r_l = errors.ref_err_w, errors.ref_err_l  # [B] each
+    c_w, c_l = weights.clipped  # [B] each
+    d_w, d_l = m_w - r_w, m_l - r_l  # [B] each
     if pair_weight == "shared_max":
         u_is = torch.maximum(c_w, c_l) * preference_logit(d_w, d_l, beta)
     else:
         u_is = preference_logit(c_w * d_w, c_l * d_l, beta)
-    losses = mask * preference_loss(u_is, label_smoothing, loss_type)  # [B]
+    losses = weights.mask * preference_loss(u_is, label_smoothing, loss_type)  # [B]
     u = preference_logit(d_w, d_l, beta)  # unweighted, for comparable metrics
-    metrics = preference_metrics(u, policy_err_w, policy_err_l, ref_err_w, ref_err_l)
-    metrics.update(mask_metrics(mask, c_w, c_l))
-    return LossOutput(losses, metrics)
+    metrics = preference_metrics(u, m_w, m_l, r_w, r_l)
+    return LossOutput(losses, {**metrics, **weights.metrics()})
 
 
 @register_objective(name="sipo", config_cls=SIPOConfig, calibrate=calibrated_kappa_config,
