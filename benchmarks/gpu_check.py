@@ -68,13 +68,16 @@ def build_model(family: str, folder: Path, *, tiny: bool, device: str) -> Path:
 
 
 def runs(presets: list[Path]) -> list[tuple[str, Path, list[str]]]:
-    """(name, preset, extra overrides): every sd15 / sdxl preset (not the toy model's demo), and
-    SDXL full fine-tuning."""
+    """(name, preset, extra overrides): every sd15 / sdxl preset (not the toy model's demo, not
+    the online presets: their step is their offline twin's plus sampling, and they need a reward
+    model), and SDXL full fine-tuning."""
     out = []
     for preset in presets:
-        model = tomllib.loads(preset.read_text())["model"]
+        settings = tomllib.loads(preset.read_text())
+        model = settings["model"]
         family = model.get("family", "sd15")
-        if family not in FAMILIES or model.get("pretrained_model_name_or_path") == "toy":
+        if (family not in FAMILIES or model.get("pretrained_model_name_or_path") == "toy"
+                or "online" in settings):
             continue
         out.append((preset.stem, preset, []))
         if family == "sdxl":

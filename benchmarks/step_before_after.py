@@ -70,7 +70,9 @@ def run_in(tree: Path, spec: dict) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(tree)}
     done = subprocess.run([sys.executable, "-c", CHILD, str(tree), json.dumps(spec)], cwd=tree,
-                          env=env, check=True, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the run in {tree} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -97,14 +99,14 @@ def main() -> None:
         try:
             manifest = make_rendered_pairs(Path(tmp) / "pairs", n_pairs=8)
             for r in range(args.rounds):
-                for config in args.configs:
+                for i, config in enumerate(args.configs):
                     size = config.split()[0]
                     steps = {"toy": args.toy_steps, "mid": args.mid_steps}[size]
                     cell = results.setdefault(config, {"before": [], "after": [], "rounds": []})
                     medians = []
                     for name, tree in (("before", old), ("after", ROOT)):
                         spec = {"warmup": args.warmup, "overrides": overrides(
-                            config, models[size], manifest, Path(tmp) / f"out_{name}",
+                            config, models[size], manifest, Path(tmp) / f"out_{name}_{r}_{i}",
                             args.warmup + steps + 1, args.batch)}
                         times = run_in(tree, spec)
                         cell[name] += times

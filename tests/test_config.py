@@ -35,6 +35,8 @@ def test_every_bundled_preset_validates(manifest):
         placeholders = "/path/to/" in preset.read_text()
         overrides = ["--pretrained_model_name_or_path", str(ROOT), "--train_data",
                      str(manifest)] if placeholders else []
+        if placeholders and "online_prompts" in preset.read_text():  # (the online presets')
+            overrides += ["--online_prompts", str(manifest)]
         config = load_config(preset, overrides)
         assert config.source == str(preset)
 
