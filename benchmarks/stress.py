@@ -20,8 +20,9 @@ for every objective, several hundred steps, and a grid of learning rates and bet
 **Collapse** (per run): a non-finite loss, OR a final prompt fidelity more than ``--fidelity-drop``
 (0.10, absolute) below the base model's, OR a final reward gain below zero (the tuned model ends
 worse than the base it started from on the reward it was trained for). Also reported: the reward
-gain at the end and at its best over the evaluation points, the drop from best to end, and the
-per-step gradient norm before clipping (each run's mean, standard deviation and maximum).
+gain at the end and at its best over the evaluation points, the drop from best to end, the
+largest fall below the best so far (a dip the run recovered from counts), and the per-step gradient
+norm before clipping (each run's mean, standard deviation and maximum).
 
 Runs are resumable (``<out>/{full,quick}/runs/<data>/<variant>/lr<lr>_beta<beta>/seed<s>.json``);
 the aggregate goes to ``results.json`` and ``summary.md`` beside ``runs/``. Inputs (pairs, the
@@ -163,6 +164,17 @@ def report_progress(row: dict, done: int, total: int, start: float) -> None:
           f"({row['wall_s']} s)", flush=True)
 
 
+def largest_fall(curve: dict) -> float:
+    """The largest drop of the reward gain below its best so far over the evaluation points
+    (0 for a curve that never falls): a run that dips and recovers shows here, not in the end."""
+    best, fall = -math.inf, 0.0
+    for step in sorted(curve, key=int):
+        gain = curve[step]["reward_gain"]
+        best = max(best, gain)
+        fall = max(fall, best - gain)
+    return fall
+
+
 def cell_key(row: dict) -> tuple:
     return (row["data"], row["variant"], row["learning_rate"], row["beta"],
             row.get("max_grad_norm", 1.0))
@@ -187,6 +199,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "best_gain": ob.spread([r["best_gain"] for r in runs]),
             "drop_from_best": ob.spread([r["best_gain"] - r["final"].get("reward_gain", math.nan)
                                          for r in runs]),
+            "largest_fall": ob.spread([largest_fall(r["curve"]) for r in runs]),
             "tuned_fidelity": ob.spread([f.get("tuned_fidelity", math.nan) for f in finals]),
             "base_fidelity": ob.spread([f.get("base_fidelity", math.nan) for f in finals]),
             "grad_norm_mean": ob.spread([r["grad_norm"]["mean"] for r in runs]),
@@ -207,8 +220,9 @@ def markdown_table(cells: list[dict]) -> str:
     dpo = {(c["data"], c["learning_rate"], c["beta"], c["max_grad_norm"]): c for c in cells
            if c["variant"] == "diffusion-dpo"}
     lines = ["| data | objective | lr | beta | collapse | reward gain, end | reward gain, best | "
-             "drop from best | fidelity, end | grad norm: mean / std / max | end vs diffusion-dpo |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "drop from best | largest fall | fidelity, end | grad norm: mean / std / max | "
+             "end vs diffusion-dpo |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in cells:
         ref = dpo.get((c["data"], c["learning_rate"], c["beta"], c["max_grad_norm"]))
         clip = "" if c["max_grad_norm"] == 1.0 else f" (clip {c['max_grad_norm']:g})"
@@ -216,6 +230,7 @@ def markdown_table(cells: list[dict]) -> str:
             f"| {c['data'].replace('_', '-')} | {c['variant']}{clip} | {c['learning_rate']:g} | "
             f"{c['beta']:g} | {c['collapsed']}/{c['n']} | {ob.fmt(c['reward_gain'], sign=True)} | "
             f"{ob.fmt(c['best_gain'], sign=True)} | {ob.fmt(c['drop_from_best'])} | "
+            f"{ob.fmt(c['largest_fall'])} | "
             f"{c['base_fidelity']['mean']:.2f} → {ob.fmt(c['tuned_fidelity'], 2)} | "
             f"{c['grad_norm_mean']['mean']:.3g} / {c['grad_norm_std']['mean']:.3g} / "
             f"{c['grad_norm_max']['mean']:.3g} | {ob.versus(c, ref)} |")

@@ -100,6 +100,22 @@ def test_stress_collapse_rules_and_overrides(stress):
     assert quick.runs == Path("x") / "quick"
 
 
+def test_stress_largest_fall_and_online_inputs(stress):
+    # steps in numeric order (50 < 100 < 150 < 200); the dip 0.10 -> 0.02 counts though the run
+    # recovers (best 0.15, end 0.12: the drop from best is 0.03, the largest fall 0.08)
+    curve = {"100": {"reward_gain": 0.02}, "50": {"reward_gain": 0.10},
+             "200": {"reward_gain": 0.12}, "150": {"reward_gain": 0.15}}
+    assert stress.largest_fall(curve) == pytest.approx(0.08)
+    assert stress.largest_fall({"10": {"reward_gain": 0.1}, "20": {"reward_gain": 0.2}}) == 0.0
+    args = stress.parse_args(["--data", "online", "--refresh", "20", "--steps", "300"])
+    settings = stress.ob.Settings(steps=300, num_pairs=128)
+    pairs, overrides = stress.data_inputs(args, settings)["online"]
+    values = dict(zip(*[iter(overrides)] * 2, strict=True))
+    assert pairs == "" and values["--online_prompts"] == "toy"
+    # 300 steps / 20 = 15 refreshes sharing the offline runs' 128 prompt slots: 9 a refresh
+    assert values["--refresh_every_n_steps"] == "20" and values["--prompts_per_refresh"] == "9"
+
+
 @pytest.mark.slow
 def test_stress_benchmark_smoke(stress, tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--workers", "1",
