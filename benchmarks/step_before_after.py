@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from step_floor import CACHES, RESOLUTION  # noqa: E402  (the same sizes and cache settings)
 
-# Runs inside the tree under test (argv: tree, config JSON): the median-free list of step CPU
+# Runs inside the tree under test (argv: tree, config JSON): the list of per-step CPU
 # times on stdout. Only load_config, loop.train and loop.train_step are used: both trees have them.
 CHILD = r"""
 import json, sys, time
