@@ -61,6 +61,7 @@ VARIANTS = {
 TRAINING_OVERRIDES = {"dpo-cm-skip": ["--skip_masked_timesteps", "true"],
                       "sipo-skip": ["--skip_masked_timesteps", "true"]}
 DATA_KINDS = ("on_policy", "off_policy")
+PAIRS_SECONDS = "pairs_seconds.json"  # beside a pair set: how long making it took
 SFT_PER_BETA = 1.0 / 5000.0  # the demo's sft_weight 1.0 at beta 5000, kept proportional to beta
 
 
@@ -282,20 +283,37 @@ def ensure_early_model(out: Path, s: Settings) -> Path:
     return folder
 
 
+def pairs_folder(out: Path, data: str, s: Settings) -> Path:
+    return out / "pairs" / f"{data}_{s.num_pairs}"
+
+
+def pairs_seconds(out: Path, data: str, s: Settings) -> float:
+    """The seconds ``ensure_pairs`` took to make the pairs of ``data`` (NaN: not recorded)."""
+    record = pairs_folder(out, data, s) / PAIRS_SECONDS
+    return json.loads(record.read_text())["pairs_s"] if record.is_file() else math.nan
+
+
 def ensure_pairs(out: Path, data: str, pair_model: str, s: Settings) -> Path:
     """Pair data of one kind through the trainer's [pairs] path: the toy prompts, two candidates
-    each from ``pair_model``, labelled by the colour reward (resumable: reused when present)."""
+    each from ``pair_model``, labelled by the colour reward (resumable: reused when present; the
+    seconds it took to make them are recorded beside them, for ``pairs_seconds``)."""
     from sipo_plugin.pairs.onpolicy import make_training_pairs
     from sipo_plugin.training.config import load_config
+    from sipo_plugin.utils.io import atomic_write_text
 
-    folder = out / "pairs" / f"{data}_{s.num_pairs}"
+    folder = pairs_folder(out, data, s)
+    made_now, started = not (folder / "pairs.jsonl").is_file(), time.time()
     config = load_config(None, [
         "--train_data", str(folder / "pairs.jsonl"), "--pretrained_model_name_or_path", pair_model,
         "--pairs_prompts", "toy", "--num_prompts", str(s.num_pairs), "--candidates", "2",
         "--rewards", '["colour"]', "--candidates_dir", str(folder / "candidates"),
         "--sampler", "ddim", "--sampler_steps", "20", "--guidance_scale", str(TOY_GUIDANCE),
         "--sample_batch_size", "64"])
-    return make_training_pairs(config)
+    manifest = make_training_pairs(config)
+    if made_now:
+        atomic_write_text(folder / PAIRS_SECONDS,
+                          json.dumps({"pairs_s": round(time.time() - started, 1)}))
+    return manifest
 
 
 def load_images(path: str):

@@ -59,25 +59,24 @@ def online_overrides(refresh: int, s: ob.Settings) -> tuple[str, ...]:
             "--sample_batch_size", "64")
 
 
-def offline_pairs(cache: Path, data: str, s: ob.Settings) -> tuple[Path, float]:
-    """The offline pairs of ``data`` (made once, reused) and the seconds it took to make them."""
-    record = cache / "pairs" / f"{data}_{s.num_pairs}_seconds.json"
-    started = time.time()
-    model = "toy" if data == "offline_on_policy" else str(ob.ensure_early_model(cache, s))
-    made = time.time()
-    manifest = ob.ensure_pairs(cache, data, model, s)
-    if not record.is_file():
-        record.write_text(json.dumps({"pairs_s": round(time.time() - made, 1),
-                                      "early_model_s": round(made - started, 1)}))
-    return manifest, json.loads(record.read_text())["pairs_s"]
+def offline_pairs(cache: Path, data: str, s: ob.Settings, make: bool) -> tuple[str, float]:
+    """The offline pairs of ``data`` (objectives_benchmark.py's on- or off-policy pair set, made
+    once into the shared cache unless ``make`` is false) and the seconds it took to make them."""
+    kind = data.removeprefix("offline_")
+    if make:
+        model = "toy" if kind == "on_policy" else str(ob.ensure_early_model(cache, s))
+        ob.ensure_pairs(cache, kind, model, s)
+    return (str(ob.pairs_folder(cache, kind, s) / "pairs.jsonl"),
+            ob.pairs_seconds(cache, kind, s))
 
 
 def build_specs(args, s: ob.Settings, base_images: Path) -> tuple[list[ob.RunSpec], dict]:
-    """Every (seed, data, objective) run, whole seeds first; and each offline kind's pair cost."""
+    """Every (seed, data, objective) run, whole seeds first; and each offline kind's pair cost
+    (with --report-only nothing is made: the pairs and their costs are read as recorded)."""
     inputs, pair_cost = {}, {}
     for data in (d for d in OFFLINE if d in args.data):
-        manifest, seconds = offline_pairs(args.cache, data, s)
-        inputs[data], pair_cost[data] = (str(manifest), ()), seconds
+        manifest, seconds = offline_pairs(args.cache, data, s, make=not args.report_only)
+        inputs[data], pair_cost[data] = (manifest, ()), seconds
     for refresh in args.refresh if "online" in args.data else []:
         inputs[f"online_every_{refresh}"] = ("", online_overrides(refresh, s))
     specs = [ob.RunSpec(data, objective, args.beta, seed, pairs, str(args.runs), str(base_images),
@@ -193,10 +192,11 @@ def main(argv=None) -> dict:
     if args.quick:  # a shorter pretraining for the off-policy checkpoint: the whole quick mode,
         s = replace(s, **QUICK_EARLY_MODEL)  # inputs included, fits in 5 minutes
     args.cache.mkdir(parents=True, exist_ok=True)
-    specs, pair_cost = build_specs(args, s, ob.ensure_base_images(args.cache, s))
     if args.report_only:
+        _, pair_cost = build_specs(args, s, Path())
         rows = [json.loads(p.read_text()) for p in sorted((args.runs / "runs").rglob("seed*.json"))]
     else:
+        specs, pair_cost = build_specs(args, s, ob.ensure_base_images(args.cache, s))
         rows = ob.run_all(specs, args.workers)
     cells = cell_rows(rows, pair_cost)
     summary = {"settings": asdict(s), "seeds": args.seeds, "refresh": args.refresh,
