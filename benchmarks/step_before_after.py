@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from step_floor import CACHES, RESOLUTION  # noqa: E402  (the same sizes and cache settings)
+from step_floor import trainer_overrides  # noqa: E402  (the same sizes and settings)
 
 # Runs inside the tree under test (argv: tree, config JSON): the list of per-step CPU
 # times on stdout. Only load_config, loop.train and loop.train_step are used: both trees have them.
@@ -54,16 +54,6 @@ steps = [b - a for a, b in zip(marks, marks[1:])][spec["warmup"]:-1]
 assert sys.modules["sipo_plugin"].__file__.startswith(tree), "imported the wrong tree"
 print(json.dumps(steps))
 """
-
-
-def overrides(config: str, model: str, manifest: Path, out: Path, steps: int, batch: int):
-    size, cache, objective = config.split()
-    kappa = ["--kappa", "30.0"] if objective in ("dpo-cm", "sipo") else []
-    return ["--pretrained_model_name_or_path", model, "--train_data", str(manifest),
-            "--output_dir", str(out), "--resolution", str(RESOLUTION[size]),
-            "--objective", objective, *kappa, "--learning_rate", "1e-5",
-            "--max_train_steps", str(steps), "--train_batch_size", str(batch),
-            "--logging_steps", str(steps), *CACHES[cache]]
 
 
 def run_in(tree: Path, spec: dict) -> list[float]:
@@ -105,9 +95,10 @@ def main() -> None:
                     cell = results.setdefault(config, {"before": [], "after": [], "rounds": []})
                     medians = []
                     for name, tree in (("before", old), ("after", ROOT)):
-                        spec = {"warmup": args.warmup, "overrides": overrides(
-                            config, models[size], manifest, Path(tmp) / f"out_{name}_{r}_{i}",
-                            args.warmup + steps + 1, args.batch)}
+                        spec = {"warmup": args.warmup, "overrides": trainer_overrides(
+                            *config.split(), models[size], manifest,
+                            Path(tmp) / f"out_{name}_{r}_{i}", args.warmup + steps + 1,
+                            args.batch)}
                         times = run_in(tree, spec)
                         cell[name] += times
                         medians.append(statistics.median(times))

@@ -67,18 +67,24 @@ def measures(sizes: list[str], compile_mid: bool, only: list[str] | None) -> lis
     return [m for m in out if not only or any(word in m.label for word in only)]
 
 
+def trainer_overrides(size: str, cache: str, objective: str, model: str, manifest: Path,
+                      out: Path, steps: int, batch: int) -> list[str]:
+    """The trainer's settings of one measured configuration (also step_before_after.py's)."""
+    kappa = ["--kappa", "30.0"] if objective in ("dpo-cm", "sipo") else []
+    return ["--pretrained_model_name_or_path", model, "--train_data", str(manifest),
+            "--output_dir", str(out), "--resolution", str(RESOLUTION[size]),
+            "--objective", objective, *kappa, "--learning_rate", "1e-5",
+            "--max_train_steps", str(steps), "--train_batch_size", str(batch),
+            "--logging_steps", str(steps), *CACHES[cache]]
+
+
 def config_for(m: Measure, model: str, manifest: Path, out: Path, steps: int, batch: int):
     from sipo_plugin.training.config import load_config
     objective = {"sft + reference": "sft", "diffusion-dpo + compile": "diffusion-dpo"}.get(
         m.name, m.name)
-    kappa = ["--kappa", "30.0"] if objective in ("dpo-cm", "sipo") else []
     compiled = ["--compile", "true"] if m.name.endswith("+ compile") else []
-    return load_config(None, [
-        "--pretrained_model_name_or_path", model, "--train_data", str(manifest),
-        "--output_dir", str(out), "--resolution", str(RESOLUTION[m.size]),
-        "--objective", objective, *kappa, *compiled, "--learning_rate", "1e-5",
-        "--max_train_steps", str(steps), "--train_batch_size", str(batch),
-        "--logging_steps", str(steps), *CACHES[m.cache]])
+    return load_config(None, [*trainer_overrides(m.size, m.cache, objective, model, manifest, out,
+                                                 steps, batch), *compiled])
 
 
 @contextlib.contextmanager
