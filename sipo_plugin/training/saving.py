@@ -79,7 +79,7 @@ def save_training_state(config: Config, step: int, adapter, objective, optimizer
         path = save_sharded_checkpoint(t.output_dir, step,
                                        trained=trained_parameters(adapter.trainable_modules()),
                                        optimizer_state=optimizer.state_dict(), info=info,
-                                       accelerator=accelerator)
+                                       accelerator=accelerator, write_extra=write_extra)
         if accelerator.is_main_process:
             prune_checkpoints(t.output_dir, run.run_id, t.save_last_n)
         return path

@@ -51,8 +51,11 @@ def local_optimizer_state(state_dict: dict) -> dict:
 
 
 def save_sharded_checkpoint(output_dir: str | Path, step: int, *, trained: dict[str, torch.Tensor],
-                            optimizer_state: dict, info: dict, accelerator) -> Path:
-    """Every process calls this with its own tensors (a collective: two barriers)."""
+                            optimizer_state: dict, info: dict, accelerator,
+                            write_extra=None) -> Path:
+    """Every process calls this with its own tensors (a collective: two barriers);
+    ``write_extra(folder)`` (the online pool) writes into the folder on the main process, as in
+    checkpoint.save_checkpoint."""
     path = checkpoint_path(output_dir, step)
     staging = path.with_name(f".{path.name}.shards.tmp")
     rank, shards = accelerator.process_index, accelerator.num_processes
@@ -68,6 +71,8 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, *, trained: dict[
     save_file(optimizer_tensors, str(staging / shard_file("optimizer", rank, shards)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(staging)
         (staging / STATE_FILE).write_text(text + "\n", encoding="utf-8")  # last: it marks completion
         if path.exists():
             shutil.rmtree(path)
