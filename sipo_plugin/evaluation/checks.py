@@ -41,5 +41,12 @@ def check_pairs_and_evaluation(config) -> None:
     if min(e.eval_samples, e.eval_curve_samples) < 1 or e.evaluate_every_n_steps < 0:
         raise ValueError("'eval_samples' and 'eval_curve_samples' must be >= 1, "
                          "'evaluate_every_n_steps' >= 0")
-    if evaluates and not (e.eval_rewards or p.rewards or config.online.online_rewards):
-        raise ValueError("evaluation needs rewards: set eval_rewards (or [pairs] rewards)")
+    if evaluates and not reward_specs(config):
+        raise ValueError("evaluation needs rewards: set eval_rewards (or [pairs] rewards, or "
+                         "[online] online_rewards)")
+
+
+def reward_specs(config) -> list[str]:
+    """The rewards evaluation scores with: eval_rewards, else [pairs] rewards, else [online]
+    online_rewards (the ones the pairs were made with)."""
+    return list(config.evaluate.eval_rewards or config.pairs.rewards or config.online.online_rewards)

@@ -19,6 +19,7 @@ from ..models.families import named_model
 from ..pairs.prompts import PromptEntry, cycle_prompts, read_prompts
 from ..pairs.sampler import Sample, candidate_seed, configure_pipeline, generate
 from ..utils.io import atomic_write_text
+from .checks import reward_specs
 from .grid import save_labelled_grid
 
 GRID_FILE = "samples_before_after.png"
@@ -39,10 +40,6 @@ def paired_stats(base: torch.Tensor, tuned: torch.Tensor) -> dict:
             "reward_se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
             "win_rate": float(np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0)).mean()),
             "n_samples": n}
-
-
-def reward_specs(config) -> list[str]:
-    return list(config.evaluate.eval_rewards or config.pairs.rewards or config.online.online_rewards)
 
 
 def build_rewards(specs: list[str], device) -> dict:

@@ -75,7 +75,6 @@ class CogVideoXAdapter(VideoTransformerAdapter):
 
     base_model_version = FAMILIES["cogvideox"].base_model_version
     modelspec_architecture = "cogvideox/lora"
-    lora_formats = FAMILIES["cogvideox"].lora_formats
     sample_num_frames = 9  # short sample clips (3 latent frames)
     load_components = staticmethod(load_cogvideox_components)
 
